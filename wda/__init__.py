@@ -1,0 +1,16 @@
+"""wda: weight-decomposition analysis of fine-tuning runs (after Liu et al., DoRA, ICML 2024)."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["analyze", "plan", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy so that `import wda` stays cheap (no pandas / scipy until needed).
+    if name in ("analyze", "plan"):
+        from wda import analysis
+
+        return getattr(analysis, name)
+    raise AttributeError(f"module 'wda' has no attribute {name!r}")
