@@ -1,0 +1,72 @@
+"""Real-format checkpoint directories for the tests, written with transformers + peft.
+
+Tiny randomly initialised models, no hub. Every builder returns what it wrote so tests
+can compute independent float64 references.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+Q_V = ["q_proj", "v_proj"]
+
+
+def tiny_llama(seed: int = 0, layers: int = 3):
+    """LlamaForCausalLM with non-square q (48x48... ) and v (16x48) projections."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=1, vocab_size=64,
+                      max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0, layers: int = 2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=32, n_layer=layers, n_head=4, vocab_size=64, n_positions=32)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def save_full(model, path: Path, **kw) -> None:
+    model.save_pretrained(path, **kw)
+
+
+def perturb_(params, scale: float, gen: torch.Generator) -> None:
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+
+
+def ft_checkpoints(model, run_dir: Path, steps=(10, 20, 30), scale=0.02, seed=1, **save_kw):
+    """Full fine-tuning run: the model drifts a little more at each step. Returns {step: state_dict}."""
+    gen = torch.Generator().manual_seed(seed)
+    m = copy.deepcopy(model)
+    out = {}
+    for step in steps:
+        perturb_([p for n, p in m.named_parameters() if p.dim() == 2], scale, gen)
+        m.save_pretrained(run_dir / f"checkpoint-{step}", **save_kw)
+        out[step] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    return out
+
+
+def peft_checkpoints(model, run_dir: Path, config, steps=(10, 20), scale=0.05, seed=2):
+    """An adapter run written by PEFT itself. Returns {step: merged float64 state dict}
+    computed by PEFT's own merge_and_unload() on a float64 copy."""
+    from peft import get_peft_model
+
+    gen = torch.Generator().manual_seed(seed)
+    pm = get_peft_model(copy.deepcopy(model), config)
+    out = {}
+    for step in steps:
+        # B starts at zero in PEFT: perturb every adapter tensor so the update is not zero
+        perturb_([p for n, p in pm.named_parameters() if "lora_" in n], scale, gen)
+        pm.save_pretrained(run_dir / f"checkpoint-{step}")
+        ref = copy.deepcopy(pm).double().merge_and_unload()
+        out[step] = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    return out

@@ -1,0 +1,298 @@
+"""Find the base, the runs and their steps in a checkpoint directory; pick and check modules.
+
+    CKPT_DIR/base/                      W_0 (full weights)
+    CKPT_DIR/<run>/checkpoint-<step>/   full weights or a PEFT adapter, any number of runs
+
+The method of a run is read from its files, never from its folder name. Everything here
+reads headers only; no tensor data is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wda.checkpoints import (CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, METHOD_ORDER, WEIGHT_SUFFIX,
+                             Checkpoint)
+from wda.errors import WdaError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+# Attention query/value projections under their common names (Llama/BART/OPT, BERT/ViT, T5).
+DEFAULT_TARGETS = ("q_proj", "v_proj", "query", "value", "q", "v")
+GPT2_DEFAULT_TARGETS = ("c_attn",)  # GPT-2 fuses q, k, v in one Conv1D
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """A matrix to analyse, named by its tensor name in base/ without ``.weight``."""
+
+    name: str
+    out_features: int
+    in_features: int
+    transposed: bool  # stored (in, out), GPT-2 Conv1D / PEFT fan_in_fan_out
+    layer: int  # integer block index (-1 if the name has none)
+    matrix: str  # short kind: last name component, e.g. "q_proj"
+    stack: str  # the name before the block index, e.g. "model.encoder.layers"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Canonical (out, in) shape."""
+        return (self.out_features, self.in_features)
+
+
+@dataclass
+class Run:
+    name: str
+    method: str
+    path: Path
+    steps: dict[int, Path]  # step -> checkpoint folder, sorted by step
+    # base module -> the module's name inside this run's adapters (adapters only)
+    adapter_names: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Layout:
+    root: Path
+    base: Path
+    runs: list[Run]
+    modules: list[ModuleInfo]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    notes: list[str] = field(default_factory=list)
+
+    def module_pairs(self) -> list[tuple[ModuleInfo, Run]]:
+        """(module, run) pairs that are measured: adapter runs only for modules they target."""
+        return [(m, r) for m in self.modules for r in self.runs
+                if r.method == "FT" or m.name in r.adapter_names]
+
+
+def parse_name(name: str) -> tuple[int, str, str]:
+    """(layer, matrix, stack) of a module name such as ``model.layers.3.self_attn.q_proj``."""
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p.isdigit():
+            return int(p), parts[-1], ".".join(parts[:i])
+    return -1, parts[-1], ""
+
+
+def matches(name: str, pattern: str) -> bool:
+    """A pattern names a module by suffix (``q_proj`` matches ``...attn.q_proj``) or is a
+    regular expression matching the whole name (``layers\\.[0-3]\\..*q_proj``)."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _steps_of(run_dir: Path) -> dict[int, Path]:
+    steps: dict[int, Path] = {}
+    for d in sorted(run_dir.iterdir()):
+        if not (d.is_dir() and d.name.startswith(CHECKPOINT_PREFIX)):
+            continue
+        raw = d.name[len(CHECKPOINT_PREFIX):]
+        if not raw.isdigit():
+            raise WdaError(d, f"step {raw!r} is not an integer", "name checkpoints checkpoint-<step>")
+        step = int(raw)
+        if step in steps:
+            raise WdaError(d, f"duplicate step {step} (also {steps[step].name})", "keep one of the two")
+        steps[step] = d
+    return dict(sorted(steps.items()))
+
+
+def _find_runs(root: Path, base: Path) -> tuple[list[tuple[str, dict[int, Path]]], list[str]]:
+    runs, notes = [], []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name.startswith(".") or d.resolve() == base.resolve():
+            continue
+        steps = _steps_of(d)
+        if steps:
+            runs.append((d.name, steps))
+        else:
+            notes.append(f"{d}: ignored (no {CHECKPOINT_PREFIX}<step> folders)")
+    return runs, notes
+
+
+def _base_modules(base: Checkpoint) -> dict[str, tuple[int, ...]]:
+    """Every 2-D ``*.weight`` tensor of the base: name (without .weight) -> stored shape."""
+    return {k[: -len(WEIGHT_SUFFIX)]: s for k, s in base.shapes.items()
+            if k.endswith(WEIGHT_SUFFIX) and len(s) == 2}
+
+
+def _map_adapter_module(amod: str, base_mods: dict, where: Path) -> str:
+    """The base module an adapter module name refers to (prefixes may differ by a wrapper)."""
+    if amod in base_mods:
+        return amod
+    cands = [b for b in base_mods if b.endswith("." + amod) or amod.endswith("." + b)]
+    if len(cands) == 1:
+        return cands[0]
+    if not cands:
+        raise WdaError(where, f"adapter module {amod!r} has no matching weight in the base checkpoint")
+    raise WdaError(where, f"adapter module {amod!r} matches several base weights: {', '.join(cands[:3])}")
+
+
+def discover(ckpt_dir: str | Path, base: str | Path | None = None,
+             modules: list[str] | None = None, fan_in_fan_out: bool | None = None,
+             skip_broken: bool = False) -> Layout:
+    """Find and check everything to analyse (headers only). Raises WdaError on bad input;
+    with ``skip_broken`` a broken checkpoint is skipped and listed instead."""
+    root = Path(ckpt_dir)
+    if not root.exists():
+        raise WdaError(root, "does not exist")
+    if not root.is_dir():
+        raise WdaError(root, "is not a directory")
+    base_path = Path(base) if base is not None else root / "base"
+    if not base_path.exists():
+        raise WdaError(base_path, "no base weights (W_0) found", "put them in CKPT_DIR/base/ or pass --base PATH")
+    base_ck = Checkpoint(base_path)
+    if base_ck.is_adapter:
+        raise WdaError(base_path, "the base must hold full weights, not an adapter")
+    base_mods = _base_modules(base_ck)
+    raw_runs, notes = _find_runs(root, base_path)
+    if not raw_runs:
+        raise WdaError(root, "no runs found", f"expected <run>/{CHECKPOINT_PREFIX}<step>/ folders beside base/")
+
+    skipped: list[tuple[str, str]] = []
+    runs: list[Run] = []
+    opened: dict[Path, Checkpoint] = {}
+    for name, steps in raw_runs:
+        ok_steps: dict[int, Path] = {}
+        for step, path in steps.items():
+            try:
+                opened[path] = Checkpoint(path)
+                ok_steps[step] = path
+            except WdaError as err:
+                if not skip_broken:
+                    raise
+                skipped.append((str(path), str(err)))
+        if not ok_steps:
+            notes.append(f"{root / name}: no readable checkpoint left, run dropped")
+            continue
+        methods = {opened[p].method for p in ok_steps.values()}
+        if len(methods) > 1:
+            raise WdaError(root / name, f"mixes checkpoints of different methods ({', '.join(sorted(methods))})")
+        runs.append(Run(name, methods.pop(), root / name, ok_steps))
+
+    # adapter module names -> base modules, per run
+    for run in runs:
+        for path in run.steps.values():
+            for amod in opened[path].adapter_modules:
+                run.adapter_names.setdefault(_map_adapter_module(amod, base_mods, path), amod)
+
+    transposed = _transposed_modules(base_ck, runs, opened, base_mods, fan_in_fan_out)
+    infos = _select_modules(base_mods, runs, modules, base_ck, transposed)
+    layout = Layout(root, base_path, runs, infos, skipped, notes)
+    _validate(layout, opened, skip_broken)
+    layout.runs = sorted([r for r in layout.runs if r.steps], key=_run_order)
+    if not layout.runs:
+        raise WdaError(root, "no valid checkpoint left to analyse")
+    if not layout.module_pairs():
+        raise WdaError(root, "no run changes the selected modules", "check --modules")
+    return layout
+
+
+def _run_order(run: Run) -> tuple[int, str]:
+    m = METHOD_ORDER.index(run.method) if run.method in METHOD_ORDER else len(METHOD_ORDER)
+    return (m, run.name)
+
+
+def _transposed_modules(base: Checkpoint, runs: list[Run], opened: dict[Path, Checkpoint],
+                        base_mods: dict, override: bool | None) -> set[str]:
+    """Modules stored (in, out): GPT-2 style Conv1D. Told by the user, by adapters with
+    ``fan_in_fan_out`` in the same directory, or by the base's config.json model type."""
+    if override is not None:
+        return set(base_mods) if override else set()
+    out: set[str] = set()
+    for run in runs:
+        for path in run.steps.values():
+            ck = opened[path]
+            if ck.adapter is not None and ck.adapter.fan_in_fan_out:
+                out.update(b for b, a in run.adapter_names.items() if a in ck.adapter_modules)
+    if base.model_type() in CONV1D_MODEL_TYPES:
+        out.update(b for b in base_mods if parse_name(b)[1] in CONV1D_MODULE_NAMES)
+    return out
+
+
+def _select_modules(base_mods: dict, runs: list[Run], patterns: list[str] | None,
+                    base: Checkpoint, transposed: set[str]) -> list[ModuleInfo]:
+    names: list[str]
+    if patterns:
+        names = []
+        for pat in patterns:
+            hit = [b for b in base_mods if matches(b, pat)]
+            if not hit:
+                raise WdaError(base.path, f"--modules {pat!r} matches no 2-D weight in the base checkpoint",
+                               "use a name suffix such as q_proj or a regular expression")
+            names += [h for h in hit if h not in names]
+    else:
+        names = sorted({b for r in runs for b in r.adapter_names})
+        if not names:
+            targets = GPT2_DEFAULT_TARGETS if base.model_type() in CONV1D_MODEL_TYPES else DEFAULT_TARGETS
+            names = [b for b in base_mods if any(b.endswith("." + t) or b == t for t in targets)]
+        if not names:
+            raise WdaError(base.path, "found no attention query/value projections to analyse",
+                           "choose modules with --modules")
+    infos = []
+    for n in names:
+        rows, cols = base_mods[n]
+        out_f, in_f = (cols, rows) if n in transposed else (rows, cols)
+        layer, matrix, stack = parse_name(n)
+        infos.append(ModuleInfo(n, out_f, in_f, n in transposed, layer, matrix, stack))
+    return sorted(infos, key=lambda m: (m.matrix, m.stack, m.layer, m.name))
+
+
+def _validate(layout: Layout, opened: dict[Path, Checkpoint], skip_broken: bool) -> None:
+    """Check every (checkpoint, module) against the base, from headers only."""
+    for run in layout.runs:
+        targeted = {m.name for m in layout.modules if run.method == "FT" or m.name in run.adapter_names}
+        for step, path in list(run.steps.items()):
+            try:
+                for m in layout.modules:
+                    if m.name in targeted:
+                        _check_module(opened[path], m, run)
+            except WdaError as err:
+                if not skip_broken:
+                    raise
+                layout.skipped.append((str(path), str(err)))
+                del run.steps[step]
+
+
+def _check_module(ck: Checkpoint, m: ModuleInfo, run: Run) -> None:
+    out_f, in_f = m.shape
+    if ck.adapter is None:
+        key = m.name + WEIGHT_SUFFIX
+        if not ck.has(key):
+            raise WdaError(ck.path, f"module {m.name!r} is missing (it is in the base checkpoint)")
+        stored = (in_f, out_f) if m.transposed else (out_f, in_f)
+        if ck.shapes[key] != stored:
+            raise WdaError(ck.file_of(key), f"{key} has shape {ck.shapes[key]}, the base has {stored}")
+        return
+    amod = run.adapter_names[m.name]
+    keys = ck.adapter_modules.get(amod)
+    where = ck.adapter_file
+    if keys is None:
+        raise WdaError(where, f"module {amod!r} is missing here but present in other checkpoints of run {run.name!r}")
+    if (keys.a is None) != (keys.b is None):
+        raise WdaError(where, f"module {amod!r} has {'lora_A' if keys.a else 'lora_B'} but no "
+                              f"{'lora_B' if keys.a else 'lora_A'}")
+    if keys.a is None and keys.magnitude is None:
+        raise WdaError(where, f"module {amod!r} has no adapter tensors")
+    cfg = ck.adapter
+    if keys.a is not None:
+        r = cfg.rank(amod)
+        shp_a, shp_b = ck.shapes[keys.a], ck.shapes[keys.b]
+        if shp_a != (r, in_f) or shp_b != (out_f, r):
+            raise WdaError(where, f"module {amod!r}: lora_A {shp_a} / lora_B {shp_b} do not fit "
+                                  f"rank {r} from adapter_config.json and base shape (out={out_f}, in={in_f})")
+    if cfg.use_dora and keys.magnitude is None:
+        raise WdaError(where, f"DoRA adapter (use_dora) without lora_magnitude_vector for module {amod!r}")
+    if keys.magnitude is not None:
+        if not cfg.use_dora:
+            raise WdaError(where, f"module {amod!r} has a lora_magnitude_vector but use_dora is false in adapter_config.json")
+        if ck.shapes[keys.magnitude] not in ((out_f,), (1, out_f), (out_f, 1)):
+            raise WdaError(where, f"module {amod!r}: lora_magnitude_vector has shape "
+                                  f"{ck.shapes[keys.magnitude]}, expected ({out_f},)")

@@ -1,0 +1,242 @@
+"""``python -m wda.report CKPT_DIR``: the only place that writes a report.
+
+OUT/metrics.csv, fits.csv, fits_per_step.csv, figure2_<matrix>.png/.pdf,
+trajectories_<matrix>.png, report.md, manifest.json — written to a temporary folder and
+moved into place only when complete, so a failed run never destroys an earlier report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from wda.errors import WdaError
+
+log = logging.getLogger("wda")
+
+FIG_FORMATS = ("png", "pdf")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m wda.report",
+        description="Weight-decomposition analysis (DoRA paper, Eqs. 2-4) of the fine-tuning runs in "
+                    "CKPT_DIR: per layer and step, the magnitude change ΔM and direction change ΔD "
+                    "against the pretrained weights, regression fits, Figure 2 and a report.",
+        epilog="Layout: CKPT_DIR/base/ (W_0) and CKPT_DIR/<run>/checkpoint-<step>/ folders holding full "
+               "weights (model.safetensors, sharded, pytorch_model.bin) or PEFT adapters. "
+               "Exit status: 0 done, 2 bad input, 1 internal error, 130 interrupted.")
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="directory with base/ and run folders")
+    p.add_argument("--out", metavar="OUT", help="report folder (default: reports/<name of CKPT_DIR>)")
+    p.add_argument("--modules", metavar="LIST",
+                   help="comma-separated module-name suffixes (q_proj) or regular expressions "
+                        "matching whole names; default: the modules the adapters target, else the "
+                        "attention query/value projections")
+    p.add_argument("--axis", choices=("out", "in"), default="out",
+                   help="one magnitude per output feature (norm over dim=1 of an (out, in) weight, as "
+                        "DoRA/PEFT/torchtune; default) or per input feature (LyCORIS dora_scale style)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="compute dtype, whatever the stored one (default float32)")
+    p.add_argument("--base", metavar="PATH", help="pretrained weights W_0 (default CKPT_DIR/base)")
+    p.add_argument("--fan-in-fan-out", choices=("auto", "yes", "no"), default="auto",
+                   help="weights stored (in, out) as GPT-2 Conv1D; auto: from adapter configs and "
+                        "config.json")
+    p.add_argument("--skip-broken", action="store_true",
+                   help="skip broken checkpoints (listed in the report) instead of stopping")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be analysed (runs, steps, modules, shapes) and exit")
+    p.add_argument("--bootstrap", type=int, default=2000, metavar="N",
+                   help="bootstrap resamples for the confidence interval of r (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--no-figures", action="store_true", help="tables and report.md only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def _options(args: argparse.Namespace):
+    from wda.analysis import AnalysisOptions
+
+    modules = tuple(m.strip() for m in args.modules.split(",") if m.strip()) if args.modules else None
+    fifo = {"auto": None, "yes": True, "no": False}[args.fan_in_fan_out]
+    return AnalysisOptions(modules=modules, axis=args.axis, device=args.device, dtype=args.dtype,
+                           base=args.base, fan_in_fan_out=fifo, skip_broken=args.skip_broken,
+                           progress=not args.no_progress)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("wda", "torch", "safetensors", "numpy", "pandas", "scipy", "matplotlib"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _manifest(result, args, timings: dict[str, float], figures: list[str]) -> dict:
+    lay = result.layout
+    m = result.metrics
+    return {
+        "command": "python -m wda.report " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
+        "ckpt_dir": str(lay.root.resolve()),
+        "base": str(lay.base.resolve()),
+        "runs": [{"name": r.name, "method": r.method, "steps": list(r.steps),
+                  "path": str(r.path.resolve())} for r in lay.runs],
+        "modules": [{"name": x.name, "layer": x.layer, "matrix": x.matrix, "out_features": x.out_features,
+                     "in_features": x.in_features, "stored_transposed": x.transposed} for x in lay.modules],
+        "axis": result.options.axis,
+        "axis_meaning": ("one magnitude per output feature: norm over dim=1 of the (out, in) weight"
+                         if result.options.axis == "out" else
+                         "one magnitude per input feature: norm over dim=0 of the (out, in) weight"),
+        "dtype": result.options.dtype,
+        "device": result.device,
+        "rows": int(len(m)),
+        "excluded_zero_norm_vectors": {k: int(v) for k, v in
+                                       m.groupby("module")["n_excluded"].max().items() if v > 0},
+        "skipped": [{"path": p, "reason": r} for p, r in result.skipped],
+        "notes": list(lay.notes),
+        "bytes_read": int(result.bytes_read),
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "figures": figures,
+        "versions": _versions(),
+    }
+
+
+def _render(result, args, out_tmp: Path, t_start: float) -> None:
+    """Fit, plot and write everything into ``out_tmp``."""
+    from wda.fit import fit_groups, fit_per_step
+    from wda.markdown import render_report
+
+    metrics = result.metrics
+    timings = {"analysis": result.seconds}
+    t = time.perf_counter()
+    fits = fit_groups(metrics, n_boot=args.bootstrap, seed=args.seed)
+    per_step = fit_per_step(metrics)
+    timings["fits"] = time.perf_counter() - t
+    metrics.to_csv(out_tmp / "metrics.csv", index=False)
+    fits.to_csv(out_tmp / "fits.csv", index=False)
+    per_step.to_csv(out_tmp / "fits_per_step.csv", index=False)
+
+    t = time.perf_counter()
+    figures: dict[str, str] = {}
+    if not args.no_figures:
+        figures = _write_figures(metrics, fits, out_tmp)
+    timings["figures"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    manifest = _manifest(result, args, timings, sorted(figures.values()))
+    (out_tmp / "report.md").write_text(render_report(metrics, fits, per_step, manifest, figures))
+    (out_tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _write_figures(metrics, fits, out: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from wda.plot import figure2, trajectories
+
+    figures: dict[str, str] = {}
+    paper_fig = {"q_proj": "Figure 2", "query": "Figure 2", "q": "Figure 2",
+                 "v_proj": "Figure 6", "value": "Figure 6", "v": "Figure 6"}
+    for matrix in sorted(metrics["matrix"].unique()):
+        fig = figure2(metrics, fits, matrix=matrix)
+        for fmt in FIG_FORMATS:
+            # no timestamps in the files: same inputs, same bytes
+            meta = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
+            fig.savefig(out / f"figure2_{matrix}.{fmt}", dpi=200, metadata=meta, bbox_inches="tight")
+        label = paper_fig.get(matrix, "Figure 2 layout")
+        figures[f"{matrix}: ΔM against ΔD per run (paper {label})"] = f"figure2_{matrix}.png"
+        fig = trajectories(metrics, matrix=matrix)
+        fig.savefig(out / f"trajectories_{matrix}.png", dpi=150, metadata={"Software": None},
+                    bbox_inches="tight")
+        figures[f"{matrix}: ΔM and ΔD against step, per layer"] = f"trajectories_{matrix}.png"
+    return figures
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``tmp``; the old report survives any failure before."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _dry_run(args) -> int:
+    from wda.analysis import plan
+
+    opts = _options(args)
+    df = plan(args.ckpt_dir, modules=opts.modules, base=opts.base,
+              fan_in_fan_out=opts.fan_in_fan_out, skip_broken=opts.skip_broken)
+    runs = df.groupby(["run", "method"], sort=False)["step"].apply(lambda s: sorted(set(s)))
+    print(f"{args.ckpt_dir}: {len(runs)} run(s), {df['module'].nunique()} module(s), "
+          f"{len(df)} matrices to measure")
+    for (run, method), steps in runs.items():
+        print(f"  {run:<16} {method:<5} steps {', '.join(map(str, steps))}")
+    mods = df.drop_duplicates("module")
+    for _, r in mods.iterrows():
+        flag = "  (stored in, out)" if r["transposed"] else ""
+        print(f"  {r['module']}  (out={r['out_features']}, in={r['in_features']}){flag}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from wda.analysis import run_analysis
+
+    if args.dry_run:
+        return _dry_run(args)
+    t_start = time.perf_counter()
+    out = Path(args.out) if args.out else Path("reports") / Path(args.ckpt_dir).resolve().name
+    result = run_analysis(args.ckpt_dir, _options(args))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _render(result, args, tmp, t_start)
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for path, reason in result.skipped:
+        print(f"wda: skipped {reason}", file=sys.stderr)
+    print(f"wda: {len(result.metrics)} rows from {len(result.layout.runs)} run(s) -> {out}/report.md "
+          f"({time.perf_counter() - t_start:.1f} s on {result.device})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="wda: %(levelname)s: %(message)s")
+    try:
+        return run(args)
+    except WdaError as err:
+        if args.debug:
+            raise
+        print(f"wda: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wda: interrupted; no report written, earlier reports untouched", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug of ours: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"wda: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
