@@ -15,7 +15,7 @@ Q_V = ["q_proj", "v_proj"]
 
 
 def tiny_llama(seed: int = 0, layers: int = 3):
-    """LlamaForCausalLM with non-square q (48x48... ) and v (16x48) projections."""
+    """LlamaForCausalLM: q_proj (48, 48), non-square v_proj (12, 48) (one kv head of 12)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -43,14 +43,20 @@ def perturb_(params, scale: float, gen: torch.Generator) -> None:
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
 
 
-def ft_checkpoints(model, run_dir: Path, steps=(10, 20, 30), scale=0.02, seed=1, **save_kw):
-    """Full fine-tuning run: the model drifts a little more at each step. Returns {step: state_dict}."""
+def ft_checkpoints(model, run_dir: Path, steps=(10, 20, 30), scale=0.02, seed=1, legacy_bin=False,
+                   **save_kw):
+    """Full fine-tuning run: the model drifts a little more at each step. Returns {step: state_dict}.
+    ``legacy_bin``: write ``pytorch_model.bin`` with torch.save (transformers 5 writes safetensors only)."""
     gen = torch.Generator().manual_seed(seed)
     m = copy.deepcopy(model)
     out = {}
     for step in steps:
         perturb_([p for n, p in m.named_parameters() if p.dim() == 2], scale, gen)
-        m.save_pretrained(run_dir / f"checkpoint-{step}", **save_kw)
+        if legacy_bin:
+            (run_dir / f"checkpoint-{step}").mkdir(parents=True)
+            torch.save(m.state_dict(), run_dir / f"checkpoint-{step}" / "pytorch_model.bin")
+        else:
+            m.save_pretrained(run_dir / f"checkpoint-{step}", **save_kw)
         out[step] = {k: v.detach().clone() for k, v in m.state_dict().items()}
     return out
 
