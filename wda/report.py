@@ -66,7 +66,12 @@ def _parser() -> argparse.ArgumentParser:
 def _options(args: argparse.Namespace):
     from wda.analysis import AnalysisOptions
 
-    modules = tuple(m.strip() for m in args.modules.split(",") if m.strip()) if args.modules else None
+    modules = None
+    if args.modules is not None:
+        modules = tuple(m.strip() for m in args.modules.split(",") if m.strip())
+        if not modules:  # "--modules ''" must not quietly mean "the default modules"
+            raise WdaError(None, f"--modules {args.modules!r} names no module",
+                           "give comma-separated name suffixes (q_proj) or regular expressions")
     fifo = {"auto": None, "yes": True, "no": False}[args.fan_in_fan_out]
     return AnalysisOptions(modules=modules, axis=args.axis, device=args.device, dtype=args.dtype,
                            base=args.base, fan_in_fan_out=fifo, skip_broken=args.skip_broken,
@@ -123,7 +128,7 @@ def _render(result, args, out_tmp: Path, t_start: float) -> None:
     timings = {"analysis": result.seconds}
     t = time.perf_counter()
     fits = fit_groups(metrics, n_boot=args.bootstrap, seed=args.seed)
-    per_step = fit_per_step(metrics)
+    per_step = fit_per_step(metrics, n_boot=args.bootstrap, seed=args.seed)
     timings["fits"] = time.perf_counter() - t
     metrics.to_csv(out_tmp / "metrics.csv", index=False)
     fits.to_csv(out_tmp / "fits.csv", index=False)
@@ -165,29 +170,90 @@ def _write_figures(metrics, fits, out: Path) -> dict[str, str]:
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the finished ``tmp``; the old report survives any failure before."""
+    """Replace ``out`` by the finished ``tmp``; the old report survives any failure before,
+    and is put back if the second rename fails (or is interrupted)."""
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
+    had_old = out.exists()
+    if had_old:
+        os.replace(out, old)  # POSIX cannot rename a folder onto a non-empty one: two steps
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if had_old:
+            os.replace(old, out)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _is_report(path: Path) -> bool:
+    """A folder this tool wrote: it holds a manifest.json with our keys."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"ckpt_dir", "axis", "runs"} <= manifest.keys()
+
+
+def _check_out(out: Path, inputs: list[Path]) -> None:
+    """Refuse an OUT whose replacement would destroy anything but an earlier report."""
+    resolved = out.resolve()
+    for inp in inputs:
+        inp = inp.resolve()
+        if resolved == inp or resolved in inp.parents:
+            raise WdaError(out, f"--out would replace {inp}, which holds the input", "choose another --out")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise WdaError(out, "exists and is not a folder; refusing to replace it", "choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not _is_report(out):
+        raise WdaError(out, "exists and is not a wda report (no manifest.json of ours); refusing to "
+                            "replace it", "choose another --out, or empty or remove this folder")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Folders left by a run that was killed (SIGKILL, power loss) before its own cleanup:
+    temp folders are removed; a previous report caught between the two renames of
+    ``_swap_into_place`` is put back if ``out`` is missing, else removed."""
+    if not out.parent.is_dir():
+        return
+    for p in sorted(out.parent.iterdir()):
+        for kind in ("tmp", "old"):
+            prefix = f".{out.name}.{kind}-"
+            pid = p.name[len(prefix):]
+            if not (p.name.startswith(prefix) and pid.isdigit()) or _pid_alive(int(pid)):
+                continue
+            if kind == "old" and not out.exists():
+                os.replace(p, out)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def _dry_run(args) -> int:
-    from wda.analysis import plan
+    """What would be measured (headers only), and what --skip-broken would set aside."""
+    from wda.layout import discover
 
     opts = _options(args)
-    df = plan(args.ckpt_dir, modules=opts.modules, base=opts.base,
-              fan_in_fan_out=opts.fan_in_fan_out, skip_broken=opts.skip_broken)
-    runs = df.groupby(["run", "method"], sort=False)["step"].apply(lambda s: sorted(set(s)))
-    print(f"{args.ckpt_dir}: {len(runs)} run(s), {df['module'].nunique()} module(s), "
-          f"{len(df)} matrices to measure")
-    for (run, method), steps in runs.items():
-        print(f"  {run:<16} {method:<5} steps {', '.join(map(str, steps))}")
-    mods = df.drop_duplicates("module")
-    for _, r in mods.iterrows():
-        flag = "  (stored in, out)" if r["transposed"] else ""
-        print(f"  {r['module']}  (out={r['out_features']}, in={r['in_features']}){flag}")
+    layout = discover(args.ckpt_dir, base=opts.base, modules=list(opts.modules or []) or None,
+                      fan_in_fan_out=opts.fan_in_fan_out, skip_broken=opts.skip_broken)
+    pairs = layout.module_pairs()
+    n = sum(len(r.steps) for _, r in pairs)
+    print(f"{args.ckpt_dir}: {len(layout.runs)} run(s), {len({m.name for m, _ in pairs})} module(s), "
+          f"{n} matrices to measure")
+    for run in layout.runs:
+        print(f"  {run.name:<16} {run.method:<5} steps {', '.join(map(str, run.steps))}")
+    for m in layout.modules:
+        flag = "  (stored in, out)" if m.transposed else ""
+        print(f"  {m.name}  (out={m.out_features}, in={m.in_features}){flag}")
+    for path, reason in layout.skipped:
+        print(f"  skipped: {reason}")
     return 0
 
 
@@ -198,7 +264,10 @@ def run(args: argparse.Namespace) -> int:
         return _dry_run(args)
     t_start = time.perf_counter()
     out = Path(args.out) if args.out else Path("reports") / Path(args.ckpt_dir).resolve().name
-    result = run_analysis(args.ckpt_dir, _options(args))
+    options = _options(args)
+    _clean_leftovers(out)
+    _check_out(out, [Path(args.ckpt_dir)] + ([Path(args.base)] if args.base else []))  # before the long part
+    result = run_analysis(args.ckpt_dir, options)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -225,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     except WdaError as err:
         if args.debug:
             raise
-        print(f"wda: error: {err}", file=sys.stderr)
+        print(f"wda: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("wda: interrupted; no report written, earlier reports untouched", file=sys.stderr)
@@ -233,9 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug of ours: still one line unless --debug
         if args.debug:
             raise
-        print(f"wda: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"wda: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+              f"(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,247 @@
+"""The text of report.md, built from the tables and the manifest (returns a string).
+
+Manifest keys read (all optional; missing ones are shown as "not recorded"):
+``ckpt_dir``, ``axis`` (and ``axis_meaning`` for an axis other than out/in), ``dtype``,
+``device``, ``command`` (str or argv list), ``versions`` (name -> version), ``skipped``
+(list of str, or of dicts with ``path`` and ``reason``), ``notes`` (list of str),
+``created`` (timestamp string). Timings are left to manifest.json so that the same
+inputs give the same report.md.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+
+from wda.fit import METHOD_ORDER, ordered_runs
+
+# Paper, Sec. 4.1 (discussing Fig. 2): correlation between ΔD and ΔM of the query
+# matrices of VL-BART. No numbers are given for the value matrices (Fig. 6).
+PAPER_R: dict[str, float] = {"FT": -0.62, "LoRA": 0.83, "DoRA": -0.31}
+PAPER_CITATION = ("Liu et al., DoRA, ICML 2024 (arXiv 2402.09353), Sec. 4.1 and Fig. 2, "
+                  "query matrices of VL-BART")
+# Matrix kinds that are a query projection in common architectures (BART/Llama q_proj,
+# BERT/ViT query, T5 q, DistilBERT q_lin). GPT-2 c_attn is a fused q/k/v: not comparable.
+QUERY_KINDS = frozenset({"q_proj", "query", "q", "q_lin", "wq", "query_proj"})
+AXIS_TEXT = {
+    "out": "`out`: one magnitude per output feature (norm over dim=1 of the (out, in) "
+           "weight, as in PEFT and the DoRA reference code)",
+    "in": "`in`: one magnitude per input feature (norm over dim=0 of the (out, in) weight)",
+}
+NA = "—"
+
+
+# ---------------------------------------------------------------- formatting helpers
+def _isnum(v: object) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(float(v))
+
+
+def fmt(v: object, spec: str = ".3g") -> str:
+    """A number in ``spec``, or an em dash for NaN / missing."""
+    return format(float(v), spec) if _isnum(v) else NA
+
+
+def fmt_r(r: object, note: object = "") -> str:
+    """A correlation with its sign (+0.83), or "undefined (reason)" -- never "nan"."""
+    if _isnum(r):
+        return format(float(r), "+.2f")
+    return f"undefined ({note})" if isinstance(note, str) and note else "undefined"
+
+
+def _cell(v: object) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]],
+          right: Sequence[bool] | None = None) -> str:
+    """A GitHub markdown table; ``right[i]`` right-aligns column i (numbers)."""
+    right = right or [False] * len(headers)
+    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |",
+             "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    steps = sorted(int(s) for s in steps)
+    if len(steps) <= 8:
+        return ", ".join(map(str, steps))
+    return f"{steps[0]}, {steps[1]}, {steps[2]}, …, {steps[-1]} ({len(steps)} steps)"
+
+
+def _method_of(metrics: pd.DataFrame) -> dict[str, str]:
+    return dict(zip(metrics["run"].astype(str), metrics["method"].astype(str)))
+
+
+# ---------------------------------------------------------------- sections
+def _inputs_section(metrics: pd.DataFrame, manifest: Mapping) -> str:
+    axis = manifest.get("axis")
+    if axis is None and "axis" in metrics and len(metrics):
+        axis = metrics["axis"].iloc[0]
+    axis_text = AXIS_TEXT.get(axis, f"`{axis}`: {manifest.get('axis_meaning', '')}"
+                              if axis else "not recorded")
+    layers = sorted(metrics["layer"].unique()) if len(metrics) else []
+    kinds = metrics.groupby("matrix")["module"].nunique() if len(metrics) else {}
+    out = ["## What was analysed", "",
+           f"- Checkpoint directory: `{manifest.get('ckpt_dir', 'not recorded')}`",
+           f"- Magnitude axis: {axis_text}",
+           f"- Compute dtype: `{manifest.get('dtype', 'not recorded')}`; "
+           f"device: `{manifest.get('device', 'not recorded')}`",
+           "- Matrix kinds: "
+           + (", ".join(f"`{k}` ({n} modules)" for k, n in kinds.items()) or NA),
+           f"- Layers: {len(layers)}" + (f" ({layers[0]}–{layers[-1]})" if layers else ""),
+           f"- Points (run, step, module): {len(metrics)}"]
+    if manifest.get("created"):
+        out.append(f"- Created: {manifest['created']}")
+    out += [f"- Note: {note}" for note in manifest.get("notes") or []]
+    out += ["", "Each point is ΔM (paper Eq. 3, mean |m_t − m_0| over vectors) and ΔD "
+            "(Eq. 4, mean 1 − cos(W_t, W_0)) of one module at one checkpoint, against the "
+            "base weights.", ""]
+    runs = ordered_runs(metrics) if len(metrics) else []
+    method = _method_of(metrics)
+    rows = [(r, method[r], _steps_text(metrics.loc[metrics["run"] == r, "step"].unique()))
+            for r in runs]
+    out += ["### Runs", "", table(["run", "method", "steps"], rows), ""]
+    return "\n".join(out + _excluded_lines(metrics) + _skipped_lines(manifest.get("skipped")))
+
+
+def _excluded_lines(metrics: pd.DataFrame) -> list[str]:
+    if "n_excluded" not in metrics or not (metrics["n_excluded"] > 0).any():
+        return ["No zero-norm vectors were excluded.", ""]
+    hit = metrics[metrics["n_excluded"] > 0]
+    agg = hit.groupby(["run", "module"], sort=True).agg(
+        steps=("step", "nunique"), excluded=("n_excluded", "max"),
+        vectors=("n_vectors", "max") if "n_vectors" in hit else ("n_excluded", "size"))
+    rows = [(run, f"`{mod}`", r.steps, r.excluded, r.vectors) for (run, mod), r in agg.iterrows()]
+    return ["### Excluded zero-norm vectors", "",
+            "Vectors with zero norm have no direction; they were left out of ΔD and ΔM.", "",
+            table(["run", "module", "steps affected", "max excluded", "vectors"], rows,
+                  [False, False, True, True, True]), ""]
+
+
+def _skipped_lines(skipped: object) -> list[str]:
+    if not skipped:
+        return []
+    items = [f"- `{s.get('path', s)}`: {s.get('reason', '')}" if isinstance(s, Mapping)
+             else f"- `{s}`" for s in skipped]
+    return ["### Skipped checkpoints", "", *items, ""]
+
+
+def _fits_section(fits: pd.DataFrame) -> str:
+    level = fits["ci_level"].iloc[0] if "ci_level" in fits and len(fits) else 0.95
+    n_boot = fits["n_boot"].iloc[0] if "n_boot" in fits and len(fits) else None
+    ci_head = f"{level:.0%} CI of r"
+    rows = [(f.run, f.method, f.matrix, f.n, fmt_r(f.pearson_r, f.note),
+             f"[{fmt(f.r_ci_low, '+.2f')}, {fmt(f.r_ci_high, '+.2f')}]"
+             if _isnum(f.r_ci_low) else NA,
+             fmt(f.p_value, ".2g"), fmt(f.spearman_rho, "+.2f"), fmt(f.slope), fmt(f.intercept))
+            for f in fits.itertuples()]
+    boot = f"{n_boot} resamples" if n_boot else "resamples"
+    return "\n".join([
+        "## Fits: ΔM against ΔD, pooled over layers and steps", "",
+        "`slope` and `intercept` are the least-squares line ΔM = slope · ΔD + intercept "
+        "(units of ΔM per ΔD); `r` is the Pearson correlation with its two-sided p-value; "
+        f"the CI is a percentile bootstrap over points ({boot}); ρ is Spearman's rank "
+        "correlation. A slope is not a correlation.", "",
+        table(["run", "method", "matrix", "n", "Pearson r", ci_head, "p", "Spearman ρ",
+               "slope", "intercept"], rows,
+              [False, False, False, True, True, True, True, True, True, True]), ""])
+
+
+def _paper_section(fits: pd.DataFrame) -> str:
+    ref = ", ".join(f"{m} {PAPER_R[m]:+.2f}" for m in METHOD_ORDER)
+    out = ["## Comparison with the paper", "",
+           f"Reference: {PAPER_CITATION}. Correlation between ΔD and ΔM: {ref}. "
+           "The paper does not name the coefficient and gives no numbers for the value "
+           "matrices (Fig. 6); we compare its values with our pooled Pearson r, for query "
+           "matrix kinds only.", ""]
+    q = fits[fits["matrix"].astype(str).str.lower().isin(QUERY_KINDS)
+             & fits["method"].isin(list(PAPER_R))]
+    if q.empty:
+        kinds = ", ".join(f"`{k}`" for k in sorted(QUERY_KINDS))
+        return "\n".join(out + [f"No query matrix kind ({kinds}) with an FT, LoRA or DoRA "
+                                "run in this analysis, so there is nothing to compare.", ""])
+    rows = []
+    for f in q.itertuples():
+        paper = PAPER_R[f.method]
+        agrees = ("undefined" if not _isnum(f.pearson_r)
+                  else "yes" if np.sign(f.pearson_r) == np.sign(paper) else "no")
+        rows.append((f.run, f.method, f.matrix, fmt_r(f.pearson_r, f.note), f"{paper:+.2f}",
+                     agrees))
+    return "\n".join(out + [table(["run", "method", "matrix", "our r", "paper r", "sign agrees"],
+                                  rows, [False, False, False, True, True, False]), ""])
+
+
+def _per_step_section(fits: pd.DataFrame, per_step: pd.DataFrame | None) -> str:
+    head = ["## Cross-layer correlation at each step", "",
+            "Within one step, the points are the layers. This correlation can differ in "
+            "sign from the pooled one (the layers move together over training), so both "
+            "are shown.", ""]
+    if per_step is None or per_step.empty:
+        return "\n".join(head + ["Not computed.", ""])
+    summary, columns = [], {}
+    for f in fits.itertuples():
+        ps = per_step[(per_step["run"] == f.run) & (per_step["matrix"] == f.matrix)]
+        r = ps["pearson_r"].to_numpy(dtype=float)
+        ok = np.isfinite(r)
+        same = int((np.sign(r[ok]) == np.sign(f.pearson_r)).sum()) if _isnum(f.pearson_r) else NA
+        median = fmt(np.median(r[ok]), "+.2f") if ok.any() else NA
+        summary.append((f.run, f.matrix, fmt_r(f.pearson_r, f.note), median, same,
+                        int(ok.sum()), len(r)))
+        columns[f"{f.run} · {f.matrix}"] = {s: fmt_r(v, n) for s, v, n in
+                                              zip(ps["step"], ps["pearson_r"], ps["note"])}
+    steps = sorted(set(per_step["step"]))
+    pivot = [(s, *(col.get(s, NA) for col in columns.values())) for s in steps]
+    return "\n".join(head + [
+        table(["run", "matrix", "pooled r", "median per-step r", "steps with pooled sign",
+               "defined steps", "steps"], summary, [False, False, True, True, True, True, True]),
+        "", "Pearson r across layers, per step:", "",
+        table(["step", *columns], pivot, [True] * (len(columns) + 1)), ""])
+
+
+def _figures_section(figures: Mapping[str, str]) -> str:
+    out = ["## Figures", ""]
+    if not figures:
+        return "\n".join(out + ["No figures.", ""])
+    for title, path in figures.items():
+        link = quote(str(path), safe="/._-~")  # spaces etc. must not break the link
+        image = str(path).lower().endswith((".png", ".svg", ".jpg", ".jpeg", ".gif"))
+        out += [f"### {title}", "", f"![{title}]({link})" if image else f"[{title}]({link})", ""]
+    return "\n".join(out)
+
+
+def _reproduce_section(manifest: Mapping) -> str:
+    cmd = manifest.get("command")
+    if isinstance(cmd, (list, tuple)):
+        cmd = shlex.join(str(c) for c in cmd)
+    versions = manifest.get("versions") or {}
+    out = ["## How to reproduce", "", "```bash", cmd or "# command not recorded", "```", "",
+           "## Versions", ""]
+    if versions:
+        out.append(table(["package", "version"], sorted(versions.items())))
+    else:
+        out.append("Not recorded.")
+    return "\n".join(out + [""])
+
+
+def render_report(metrics: pd.DataFrame, fits: pd.DataFrame,
+                  fits_per_step: pd.DataFrame | None, manifest: Mapping,
+                  figures: Mapping[str, str]) -> str:
+    """The markdown of report.md (GitHub flavour); writes nothing.
+
+    ``fits`` / ``fits_per_step`` are ``wda.fit.fit_groups`` / ``fit_per_step`` output;
+    ``figures`` maps a title to a file name relative to report.md.
+    """
+    name = manifest.get("ckpt_dir") or "checkpoints"
+    intro = (f"# Weight-decomposition analysis: `{name}`\n\n"
+             "Magnitude and direction change of each weight matrix against the pretrained "
+             "weights, per layer and training step, after Liu et al., DoRA (Sec. 3.2, Fig. 2).\n")
+    parts = [intro, _inputs_section(metrics, manifest), _fits_section(fits),
+             _paper_section(fits), _per_step_section(fits, fits_per_step),
+             _figures_section(figures), _reproduce_section(manifest)]
+    return "\n".join(parts).rstrip() + "\n"

@@ -1,0 +1,197 @@
+"""Figure 2 of the paper and a trajectory view: tidy tables in, matplotlib Figure out.
+
+Figures are built as ``matplotlib.figure.Figure`` objects, never through pyplot, so
+nothing here touches the global backend or pyplot's figure list: the caller decides
+whether to save (``fig.savefig``) or show (a notebook renders a Figure directly).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from wda.fit import fit_groups, ordered_runs
+
+# Filled markers only, so that each point carries its layer colour; they repeat past 12.
+MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+REGRESSION_GID = "regression"
+MINUS = "\u2212"
+
+# Paper size: ~7 in wide for three panels; nothing below 7 pt.
+_STYLE = {
+    "font.size": 7.5, "axes.titlesize": 7.5, "axes.labelsize": 7.5,
+    "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7,
+    "legend.title_fontsize": 7, "axes.linewidth": 0.6,
+    "xtick.major.width": 0.6, "ytick.major.width": 0.6,
+}
+_PANEL_W, _PANEL_H, _MAX_COLS = 2.3, 2.05, 3
+
+
+def _select(metrics: pd.DataFrame, matrix: str, runs: Sequence[str] | None
+            ) -> tuple[pd.DataFrame, list[str]]:
+    kinds = sorted(metrics["matrix"].astype(str).unique())
+    if matrix not in kinds:
+        raise ValueError(f"matrix kind {matrix!r} not in the metrics table (has {kinds})")
+    sub = metrics[metrics["matrix"] == matrix]
+    order = list(runs) if runs is not None else ordered_runs(sub)
+    return sub, order
+
+
+def _layer_colors(layers: Sequence) -> tuple[ListedColormap, BoundaryNorm, dict]:
+    """A discrete colormap with one colour per layer (ordered, so depth reads as hue)."""
+    layers = sorted(set(layers))
+    # viridis without its pale-yellow end, which vanishes on white.
+    cmap = ListedColormap(matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, len(layers))))
+    norm = BoundaryNorm(np.arange(len(layers) + 1) - 0.5, len(layers))
+    return cmap, norm, {layer: i for i, layer in enumerate(layers)}
+
+
+def _layer_colorbar(fig: Figure, axes: list[Axes], cmap, norm, index: dict) -> None:
+    layers = list(index)
+    step = max(1, math.ceil(len(layers) / 12))  # at most ~12 tick labels
+    ticks = list(range(0, len(layers), step))
+    cbar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes, ticks=ticks,
+                        fraction=0.04, pad=0.02, aspect=30)
+    cbar.ax.set_yticklabels([str(layers[i]) for i in ticks])
+    cbar.set_label("layer")
+    cbar.ax.tick_params(length=0)
+
+
+def _sci_axes(ax: Axes, axis: str = "both") -> None:
+    # ΔD is often 1e-6 ... 1e-3: scientific notation with a shared ×10^k offset.
+    ax.ticklabel_format(style="sci", axis=axis, scilimits=(-2, 3), useMathText=True)
+
+
+def _fmt(v: float, spec: str) -> str:
+    return format(v, spec).replace("-", MINUS)
+
+
+def _panel_title(run: str, method: str, fit: pd.Series | None) -> str:
+    name = method if run.lower() == str(method).lower() else f"{run} ({method})"
+    if fit is None:
+        return f"{name}\nr undefined (no fit)"
+    if not np.isfinite(fit["pearson_r"]):
+        return f"{name}\nr undefined ({fit.get('note') or 'no fit'}, n = {int(fit['n'])})"
+    return (f"{name}\nr = {_fmt(fit['pearson_r'], '.2f')}  "
+            f"(slope {_fmt(fit['slope'], '.1e')}, n = {int(fit['n'])})")
+
+
+def _lookup_fit(fits: pd.DataFrame, run: str, matrix: str) -> pd.Series | None:
+    hit = fits[(fits["run"] == run) & (fits["matrix"] == matrix)]
+    return None if hit.empty else hit.iloc[0]
+
+
+def _scatter_panel(ax: Axes, data: pd.DataFrame, step_marker: dict, cmap, norm,
+                   layer_index: dict) -> None:
+    for step, pts in data.groupby("step", sort=True):
+        ax.scatter(pts["delta_d"], pts["delta_m"], c=pts["layer"].map(layer_index),
+                   cmap=cmap, norm=norm, marker=step_marker[step], s=16,
+                   edgecolors="0.15", linewidths=0.3, zorder=2)
+
+
+def _regression_line(ax: Axes, data: pd.DataFrame, fit: pd.Series | None) -> None:
+    if fit is None or not np.isfinite(fit["slope"]):
+        return  # undefined fit: no line rather than a misleading flat one
+    x = data["delta_d"].to_numpy(dtype=np.float64)
+    x = x[np.isfinite(x)]
+    xs = np.array([x.min(), x.max()])
+    (line,) = ax.plot(xs, fit["slope"] * xs + fit["intercept"], color="crimson",
+                      lw=1.0, zorder=3)
+    line.set_gid(REGRESSION_GID)
+
+
+def _step_legend(fig: Figure, steps: list) -> None:
+    handles = [Line2D([], [], linestyle="", marker=MARKERS[i % len(MARKERS)], markersize=4,
+                      color="0.45", markeredgecolor="0.15", markeredgewidth=0.3)
+               for i in range(len(steps))]
+    labels = [str(s) for s in steps]
+    title = "step" if len(steps) <= len(MARKERS) else f"step (markers repeat every {len(MARKERS)})"
+    ncols = min(len(steps), 12)
+    nrows = math.ceil(len(steps) / ncols)
+    # The legend fills column by column; permute so that steps read left to right.
+    order = [r * ncols + c for c in range(ncols) for r in range(nrows) if r * ncols + c < len(steps)]
+    fig.legend([handles[i] for i in order], [labels[i] for i in order],
+               loc="outside lower center", title=title, ncols=ncols, frameon=False,
+               handletextpad=0.1, columnspacing=0.9)
+
+
+def _grid(n_panels: int, extra_h: float) -> tuple[Figure, list[Axes]]:
+    ncols = min(max(n_panels, 1), _MAX_COLS)
+    nrows = math.ceil(max(n_panels, 1) / ncols)
+    fig = Figure(figsize=(_PANEL_W * ncols + 0.6, _PANEL_H * nrows + extra_h),
+                 layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[n_panels:]:
+        fig.delaxes(ax)
+    return fig, axes[:n_panels]
+
+
+def figure2(metrics: pd.DataFrame, fits: pd.DataFrame | None = None, matrix: str = "q_proj",
+            runs: Sequence[str] | None = None) -> Figure:
+    """The paper's Figure 2 for one matrix kind: one panel per run, x = ΔD, y = ΔM.
+
+    Colour = layer, marker = training step, line = least-squares fit from ``fits``
+    (``fit_groups`` output; computed here without bootstrap if None). Runs default to
+    FT, LoRA, DoRA, then others; ``runs`` picks and orders them explicitly.
+    """
+    sub, order = _select(metrics, matrix, runs)
+    if fits is None:
+        fits = fit_groups(sub, n_boot=0)
+    steps = sorted(sub["step"].unique())
+    step_marker = {s: MARKERS[i % len(MARKERS)] for i, s in enumerate(steps)}
+    with matplotlib.rc_context(_STYLE):
+        fig, axes = _grid(len(order), extra_h=0.75)
+        cmap, norm, layer_index = _layer_colors(sub["layer"].tolist())
+        for ax, run in zip(axes, order):
+            data = sub[sub["run"] == run]
+            method = data["method"].iloc[0] if len(data) else "?"
+            fit = _lookup_fit(fits, run, matrix)
+            _scatter_panel(ax, data, step_marker, cmap, norm, layer_index)
+            _regression_line(ax, data, fit)
+            ax.set_title(_panel_title(run, method, fit))
+            ax.set_xlabel("ΔD (direction)")
+            ax.set_ylabel("ΔM (magnitude)")
+            _sci_axes(ax)
+            if data.empty:
+                ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
+        _layer_colorbar(fig, axes, cmap, norm, layer_index)
+        _step_legend(fig, steps)
+        fig.suptitle(f"{matrix}: magnitude vs direction change", fontsize=8)
+    return fig
+
+
+def trajectories(metrics: pd.DataFrame, matrix: str,
+                 runs: Sequence[str] | None = None) -> Figure:
+    """ΔM (top row) and ΔD (bottom row) against step, one line per layer, one column per run."""
+    sub, order = _select(metrics, matrix, runs)
+    with matplotlib.rc_context(_STYLE):
+        ncols = max(len(order), 1)
+        fig = Figure(figsize=(_PANEL_W * ncols + 0.6, 4.0), layout="constrained")
+        grid = fig.subplots(2, ncols, squeeze=False, sharex="col")
+        cmap, norm, layer_index = _layer_colors(sub["layer"].tolist())
+        for col, run in enumerate(order):
+            data = sub[sub["run"] == run]
+            method = data["method"].iloc[0] if len(data) else "?"
+            grid[0, col].set_title(_panel_title(run, method, None).split("\n")[0])
+            for row, (column, label) in enumerate((("delta_m", "ΔM"), ("delta_d", "ΔD"))):
+                ax = grid[row, col]
+                for layer, pts in data.groupby("layer", sort=True):
+                    pts = pts.sort_values("step")
+                    # Markers too, so that a single step still shows as points.
+                    ax.plot(pts["step"], pts[column], marker="o", markersize=2, lw=0.9,
+                            color=cmap(norm(layer_index[layer])))
+                ax.set_ylabel(label)
+                _sci_axes(ax, axis="y")  # steps read best as plain integers
+            grid[1, col].set_xlabel("step")
+        _layer_colorbar(fig, grid.ravel().tolist(), cmap, norm, layer_index)
+        fig.suptitle(f"{matrix}: change against training step", fontsize=8)
+    return fig
