@@ -93,12 +93,15 @@ def _versions() -> dict[str, str]:
 def _manifest(result, args, timings: dict[str, float], figures: list[str]) -> dict:
     lay = result.layout
     m = result.metrics
+    # checkpoints skipped while streaming are still in the layout's runs: list what was measured
+    skipped = {p for p, _ in result.skipped}
+    runs = [(r, [s for s, p in r.steps.items() if str(p) not in skipped]) for r in lay.runs]
     return {
         "command": "python -m wda.report " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
         "ckpt_dir": str(lay.root.resolve()),
         "base": str(lay.base.resolve()),
-        "runs": [{"name": r.name, "method": r.method, "steps": list(r.steps),
-                  "path": str(r.path.resolve())} for r in lay.runs],
+        "runs": [{"name": r.name, "method": r.method, "steps": steps,
+                  "path": str(r.path.resolve())} for r, steps in runs if steps],
         "modules": [{"name": x.name, "layer": x.layer, "matrix": x.matrix, "out_features": x.out_features,
                      "in_features": x.in_features, "stored_transposed": x.transposed} for x in lay.modules],
         "axis": result.options.axis,
@@ -258,8 +261,11 @@ def _dry_run(args) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from wda import distributed
     from wda.analysis import run_analysis
 
+    if distributed.launched():  # under torchrun: modules split over the ranks, rank 0 writes
+        return distributed.run_report(args)
     if args.dry_run:
         return _dry_run(args)
     t_start = time.perf_counter()
@@ -268,13 +274,16 @@ def run(args: argparse.Namespace) -> int:
     _clean_leftovers(out)
     _check_out(out, [Path(args.ckpt_dir)] + ([Path(args.base)] if args.base else []))  # before the long part
     result = run_analysis(args.ckpt_dir, options)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         _render(result, args, tmp, t_start)
         _swap_into_place(tmp, out)
+    except OSError as exc:  # disk full, permissions, a vanished folder: not a bug of ours
+        raise WdaError(out, f"cannot write the report ({_one_line(exc.strerror or str(exc))})",
+                       "check free space and permissions; an earlier report there is untouched") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for path, reason in result.skipped:
