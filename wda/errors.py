@@ -15,3 +15,7 @@ class WdaError(Exception):
         where = f"{self.path}: " if self.path else ""
         tail = f" ({hint})" if hint else ""
         super().__init__(f"{where}{problem}{tail}")
+
+    def with_hint(self, extra: str) -> "WdaError":
+        """The same error with ``extra`` added to what to do."""
+        return WdaError(self.path, self.problem, f"{self.hint}; {extra}" if self.hint else extra)

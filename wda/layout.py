@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wda.checkpoints import (CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, METHOD_ORDER, WEIGHT_SUFFIX,
-                             Checkpoint)
+from wda.checkpoints import (ADAPTER_CONFIG, CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, METHOD_ORDER,
+                             WEIGHT_SUFFIX, Checkpoint)
 from wda.errors import WdaError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
+# What to do with a broken checkpoint (its folder, the error): raise, or set it aside.
+Broken = Callable[[Path, WdaError], None]
 # Attention query/value projections under their common names (Llama/BART/OPT, BERT/ViT, T5).
 DEFAULT_TARGETS = ("q_proj", "v_proj", "query", "value", "q", "v")
 GPT2_DEFAULT_TARGETS = ("c_attn",)  # GPT-2 fuses q, k, v in one Conv1D
@@ -89,32 +93,51 @@ def matches(name: str, pattern: str) -> bool:
         return False
 
 
-def _steps_of(run_dir: Path) -> dict[int, Path]:
-    steps: dict[int, Path] = {}
-    for d in sorted(run_dir.iterdir()):
+def _steps_of(run_dir: Path) -> tuple[dict[int, Path], list[WdaError]]:
+    """step -> folder, sorted as integers; and the folders whose name gives no single step
+    (not an integer, or the same step twice: both are set aside, neither is guessed)."""
+    found: dict[int, list[Path]] = {}
+    problems: list[WdaError] = []
+    for d in sorted(_listdir(run_dir)):
         if not (d.is_dir() and d.name.startswith(CHECKPOINT_PREFIX)):
             continue
         raw = d.name[len(CHECKPOINT_PREFIX):]
-        if not raw.isdigit():
-            raise WdaError(d, f"step {raw!r} is not an integer", "name checkpoints checkpoint-<step>")
-        step = int(raw)
-        if step in steps:
-            raise WdaError(d, f"duplicate step {step} (also {steps[step].name})", "keep one of the two")
-        steps[step] = d
-    return dict(sorted(steps.items()))
+        if not (raw.isascii() and raw.isdigit()):
+            problems.append(WdaError(d, f"step {raw!r} is not an integer",
+                                     "rename it checkpoint-<step> or move it out of the run"))
+            continue
+        found.setdefault(int(raw), []).append(d)
+    steps: dict[int, Path] = {}
+    for step, dirs in sorted(found.items()):
+        if len(dirs) == 1:
+            steps[step] = dirs[0]
+            continue
+        for d in dirs:
+            others = ", ".join(o.name for o in dirs if o != d)
+            problems.append(WdaError(d, f"duplicate step {step} (also {others})", "keep only one of them"))
+    return steps, problems
 
 
-def _find_runs(root: Path, base: Path) -> tuple[list[tuple[str, dict[int, Path]]], list[str]]:
-    runs, notes = [], []
-    for d in sorted(root.iterdir()):
+def _listdir(d: Path) -> list[Path]:
+    try:
+        return list(d.iterdir())
+    except OSError as exc:
+        raise WdaError(d, f"cannot list this directory ({exc.strerror or exc})", "check its permissions") from None
+
+
+def _find_runs(root: Path, base: Path
+               ) -> tuple[list[tuple[str, dict[int, Path]]], list[str], list[WdaError]]:
+    runs, notes, problems = [], [], []
+    for d in sorted(_listdir(root)):
         if not d.is_dir() or d.name.startswith(".") or d.resolve() == base.resolve():
             continue
-        steps = _steps_of(d)
+        steps, bad = _steps_of(d)
+        problems += bad
         if steps:
             runs.append((d.name, steps))
-        else:
+        elif not bad:
             notes.append(f"{d}: ignored (no {CHECKPOINT_PREFIX}<step> folders)")
-    return runs, notes
+    return runs, notes, problems
 
 
 def _base_modules(base: Checkpoint) -> dict[str, tuple[int, ...]]:
@@ -131,8 +154,10 @@ def _map_adapter_module(amod: str, base_mods: dict, where: Path) -> str:
     if len(cands) == 1:
         return cands[0]
     if not cands:
-        raise WdaError(where, f"adapter module {amod!r} has no matching weight in the base checkpoint")
-    raise WdaError(where, f"adapter module {amod!r} matches several base weights: {', '.join(cands[:3])}")
+        raise WdaError(where, f"adapter module {amod!r} has no matching weight in the base checkpoint",
+                       "was this adapter trained on another model?")
+    raise WdaError(where, f"adapter module {amod!r} matches several base weights: {', '.join(cands[:3])}",
+                   "save the adapter with full module names")
 
 
 def discover(ckpt_dir: str | Path, base: str | Path | None = None,
@@ -142,57 +167,104 @@ def discover(ckpt_dir: str | Path, base: str | Path | None = None,
     with ``skip_broken`` a broken checkpoint is skipped and listed instead."""
     root = Path(ckpt_dir)
     if not root.exists():
-        raise WdaError(root, "does not exist")
+        raise WdaError(root, "does not exist", "check the CKPT_DIR path")
     if not root.is_dir():
-        raise WdaError(root, "is not a directory")
+        raise WdaError(root, "is not a directory", "CKPT_DIR is the folder holding base/ and the run folders")
     base_path = Path(base) if base is not None else root / "base"
+    if base is None and not any(_listdir(root)):
+        raise WdaError(root, "is empty", f"expected base/ and <run>/{CHECKPOINT_PREFIX}<step>/ folders")
     if not base_path.exists():
         raise WdaError(base_path, "no base weights (W_0) found", "put them in CKPT_DIR/base/ or pass --base PATH")
     base_ck = Checkpoint(base_path)
     if base_ck.is_adapter:
-        raise WdaError(base_path, "the base must hold full weights, not an adapter")
+        raise WdaError(base_path, "the base must hold full weights, not an adapter",
+                       "put the pretrained model in base/ or pass --base PATH")
     base_mods = _base_modules(base_ck)
-    raw_runs, notes = _find_runs(root, base_path)
+    if not base_mods:
+        raise WdaError(base_ck.source, "the base checkpoint holds no 2-D *.weight tensor to analyse",
+                       "is this the pretrained model?")
+    raw_runs, notes, problems = _find_runs(root, base_path)
+
+    skipped: list[tuple[str, str]] = []
+
+    def broken(path: Path, err: WdaError) -> None:
+        """Stop at the first broken checkpoint, or set it aside with --skip-broken."""
+        if not skip_broken:
+            raise err.with_hint("--skip-broken analyses the rest") from None
+        skipped.append((str(path), str(err)))
+
+    for err in problems:
+        broken(Path(err.path), err)
+    if not raw_runs and skipped:
+        raise WdaError(root, "no valid checkpoint left to analyse", "every checkpoint was skipped as broken")
     if not raw_runs:
         raise WdaError(root, "no runs found", f"expected <run>/{CHECKPOINT_PREFIX}<step>/ folders beside base/")
 
-    skipped: list[tuple[str, str]] = []
     runs: list[Run] = []
     opened: dict[Path, Checkpoint] = {}
+    base_names: dict[Path, dict[str, str]] = {}  # checkpoint -> {adapter module: base module}
     for name, steps in raw_runs:
         ok_steps: dict[int, Path] = {}
         for step, path in steps.items():
             try:
-                opened[path] = Checkpoint(path)
-                ok_steps[step] = path
+                ck = Checkpoint(path)
+                # adapter module names -> base modules (prefixes may differ by a wrapper)
+                names = {amod: _map_adapter_module(amod, base_mods, ck.adapter_file)
+                         for amod in ck.adapter_modules}
             except WdaError as err:
-                if not skip_broken:
-                    raise
-                skipped.append((str(path), str(err)))
+                broken(path, err)
+                continue
+            opened[path], base_names[path], ok_steps[step] = ck, names, path
+        method = _run_method(root / name, {s: opened[p] for s, p in ok_steps.items()}, broken)
+        ok_steps = {s: p for s, p in ok_steps.items() if opened[p].method == method}
         if not ok_steps:
             notes.append(f"{root / name}: no readable checkpoint left, run dropped")
             continue
-        methods = {opened[p].method for p in ok_steps.values()}
-        if len(methods) > 1:
-            raise WdaError(root / name, f"mixes checkpoints of different methods ({', '.join(sorted(methods))})")
-        runs.append(Run(name, methods.pop(), root / name, ok_steps))
+        runs.append(Run(name, method, root / name, ok_steps))
 
-    # adapter module names -> base modules, per run
     for run in runs:
         for path in run.steps.values():
-            for amod in opened[path].adapter_modules:
-                run.adapter_names.setdefault(_map_adapter_module(amod, base_mods, path), amod)
+            for amod, bmod in base_names[path].items():
+                run.adapter_names.setdefault(bmod, amod)
 
     transposed = _transposed_modules(base_ck, runs, opened, base_mods, fan_in_fan_out)
     infos = _select_modules(base_mods, runs, modules, base_ck, transposed)
+    for m in infos:
+        _check_dtype(base_ck, m.name + WEIGHT_SUFFIX, base_ck.file_of(m.name + WEIGHT_SUFFIX))
     layout = Layout(root, base_path, runs, infos, skipped, notes)
-    _validate(layout, opened, skip_broken)
+    _validate(layout, opened, broken)
     layout.runs = sorted([r for r in layout.runs if r.steps], key=_run_order)
     if not layout.runs:
-        raise WdaError(root, "no valid checkpoint left to analyse")
+        raise WdaError(root, "no valid checkpoint left to analyse", "every checkpoint was skipped as broken")
     if not layout.module_pairs():
         raise WdaError(root, "no run changes the selected modules", "check --modules")
     return layout
+
+
+def _run_method(run_dir: Path, cks: dict[int, Checkpoint], broken: Broken) -> str | None:
+    """The one method of a run. A checkpoint of another method than most of the run is
+    the odd one out (a hand-edited use_dora, a folder copied into the wrong run)."""
+    counts = Counter(ck.method for ck in cks.values())
+    if not counts:
+        return None
+    ranked = counts.most_common()
+    if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+        which = "; ".join(f"{m}: " + ", ".join(ck.path.name for ck in cks.values() if ck.method == m)
+                          for m, _ in sorted(ranked))
+        raise WdaError(run_dir, f"mixes checkpoints of different methods ({_short_list(which)})",
+                       "keep one method per run folder")
+    method = ranked[0][0]
+    for step, ck in cks.items():
+        if ck.method != method:
+            what = ck.path / ADAPTER_CONFIG if ck.is_adapter else ck.source
+            broken(ck.path, WdaError(what, f"makes this checkpoint {ck.method} but the other checkpoints "
+                                           f"of run {run_dir.name!r} are {method}",
+                                     "keep one method per run folder; check use_dora"))
+    return method
+
+
+def _short_list(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _run_order(run: Run) -> tuple[int, str]:
@@ -225,8 +297,17 @@ def _select_modules(base_mods: dict, runs: list[Run], patterns: list[str] | None
         for pat in patterns:
             hit = [b for b in base_mods if matches(b, pat)]
             if not hit:
-                raise WdaError(base.path, f"--modules {pat!r} matches no 2-D weight in the base checkpoint",
-                               "use a name suffix such as q_proj or a regular expression")
+                # an example from this model: an attention query/value inside a block, if any
+                example = min(base_mods, key=lambda b: (parse_name(b)[1] not in DEFAULT_TARGETS,
+                                                        parse_name(b)[0] < 0, b))
+                problem = f"--modules {pat!r} matches no 2-D weight in the base checkpoint"
+                try:
+                    re.compile(pat)
+                except re.error as exc:
+                    problem += f" and is not a valid regular expression ({exc})"
+                raise WdaError(base.source, problem,
+                               f"give name suffixes such as {parse_name(example)[1]!r} or regular "
+                               f"expressions matching whole names such as {example!r}")
             names += [h for h in hit if h not in names]
     else:
         names = sorted({b for r in runs for b in r.adapter_names})
@@ -245,7 +326,7 @@ def _select_modules(base_mods: dict, runs: list[Run], patterns: list[str] | None
     return sorted(infos, key=lambda m: (m.matrix, m.stack, m.layer, m.name))
 
 
-def _validate(layout: Layout, opened: dict[Path, Checkpoint], skip_broken: bool) -> None:
+def _validate(layout: Layout, opened: dict[Path, Checkpoint], broken: Broken) -> None:
     """Check every (checkpoint, module) against the base, from headers only."""
     for run in layout.runs:
         targeted = {m.name for m in layout.modules if run.method == "FT" or m.name in run.adapter_names}
@@ -255,10 +336,16 @@ def _validate(layout: Layout, opened: dict[Path, Checkpoint], skip_broken: bool)
                     if m.name in targeted:
                         _check_module(opened[path], m, run)
             except WdaError as err:
-                if not skip_broken:
-                    raise
-                layout.skipped.append((str(path), str(err)))
+                broken(path, err)
                 del run.steps[step]
+
+
+def _check_dtype(ck: Checkpoint, key: str, where: Path) -> None:
+    """Only real-valued tensors can be measured: integer or boolean data (quantised weights,
+    a mislabelled header) would be cast to float and give a silent wrong picture."""
+    if not ck.is_floating(key):
+        raise WdaError(where, f"{key} is stored as {ck.dtype_of(key)}, not as floating point",
+                       "quantised or mislabelled weights cannot be measured; dequantise or re-save them")
 
 
 def _check_module(ck: Checkpoint, m: ModuleInfo, run: Run) -> None:
@@ -266,33 +353,42 @@ def _check_module(ck: Checkpoint, m: ModuleInfo, run: Run) -> None:
     if ck.adapter is None:
         key = m.name + WEIGHT_SUFFIX
         if not ck.has(key):
-            raise WdaError(ck.path, f"module {m.name!r} is missing (it is in the base checkpoint)")
+            raise WdaError(ck.source, f"module {m.name!r} is missing (it is in the base checkpoint)",
+                           "was this checkpoint saved from another model, or only partly?")
         stored = (in_f, out_f) if m.transposed else (out_f, in_f)
         if ck.shapes[key] != stored:
-            raise WdaError(ck.file_of(key), f"{key} has shape {ck.shapes[key]}, the base has {stored}")
+            raise WdaError(ck.file_of(key), f"{key} has shape {ck.shapes[key]}, the base has {stored}",
+                           "was this checkpoint saved from another model?")
+        _check_dtype(ck, key, ck.file_of(key))
         return
     amod = run.adapter_names[m.name]
     keys = ck.adapter_modules.get(amod)
     where = ck.adapter_file
+    resave = "the adapter weights and adapter_config.json do not belong together; re-save it with PEFT"
     if keys is None:
-        raise WdaError(where, f"module {amod!r} is missing here but present in other checkpoints of run {run.name!r}")
+        raise WdaError(where, f"module {amod!r} is missing here but present in other checkpoints of run "
+                              f"{run.name!r}", "every checkpoint of a run must adapt the same modules")
     if (keys.a is None) != (keys.b is None):
         raise WdaError(where, f"module {amod!r} has {'lora_A' if keys.a else 'lora_B'} but no "
-                              f"{'lora_B' if keys.a else 'lora_A'}")
-    if keys.a is None and keys.magnitude is None:
-        raise WdaError(where, f"module {amod!r} has no adapter tensors")
+                              f"{'lora_B' if keys.a else 'lora_A'}", "the adapter file is incomplete; re-save it")
     cfg = ck.adapter
     if keys.a is not None:
         r = cfg.rank(amod)
         shp_a, shp_b = ck.shapes[keys.a], ck.shapes[keys.b]
         if shp_a != (r, in_f) or shp_b != (out_f, r):
             raise WdaError(where, f"module {amod!r}: lora_A {shp_a} / lora_B {shp_b} do not fit "
-                                  f"rank {r} from adapter_config.json and base shape (out={out_f}, in={in_f})")
+                                  f"rank {r} from adapter_config.json and base shape (out={out_f}, in={in_f})",
+                           resave)
     if cfg.use_dora and keys.magnitude is None:
-        raise WdaError(where, f"DoRA adapter (use_dora) without lora_magnitude_vector for module {amod!r}")
+        raise WdaError(where, f"DoRA adapter (use_dora) without lora_magnitude_vector for module {amod!r}",
+                       "the adapter file is incomplete; re-save it")
     if keys.magnitude is not None:
         if not cfg.use_dora:
-            raise WdaError(where, f"module {amod!r} has a lora_magnitude_vector but use_dora is false in adapter_config.json")
+            raise WdaError(where, f"module {amod!r} has a lora_magnitude_vector but use_dora is false in "
+                                  f"adapter_config.json", resave)
         if ck.shapes[keys.magnitude] not in ((out_f,), (1, out_f), (out_f, 1)):
             raise WdaError(where, f"module {amod!r}: lora_magnitude_vector has shape "
-                                  f"{ck.shapes[keys.magnitude]}, expected ({out_f},)")
+                                  f"{ck.shapes[keys.magnitude]}, expected ({out_f},)", resave)
+    for key in (keys.a, keys.b, keys.magnitude):
+        if key is not None:
+            _check_dtype(ck, key, where)

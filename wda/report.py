@@ -274,6 +274,10 @@ def run(args: argparse.Namespace) -> int:
     _clean_leftovers(out)
     _check_out(out, [Path(args.ckpt_dir)] + ([Path(args.base)] if args.base else []))  # before the long part
     result = run_analysis(args.ckpt_dir, options)
+    if result.metrics.empty:  # every checkpoint skipped while streaming: no picture, not an empty one
+        first = f"first: {result.skipped[0][1]}" if result.skipped else ""
+        raise WdaError(args.ckpt_dir, f"no valid checkpoint left to analyse ({len(result.skipped)} skipped "
+                                      f"as broken)", first)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
