@@ -309,8 +309,6 @@ def test_refuses_to_mix_with_old_checkpoints(run) -> None:
         T.train_all(cfg)
 
 
-@pytest.mark.xfail(strict=True, reason="wda.adapt.save_adapter writes two metadata keys, which "
-                   "safetensors 0.8 orders at random: adapter files are equal in content, not bytes")
 def test_adapter_files_are_byte_identical(run, tmp_path) -> None:
     from wda.adapt import load_adapter, save_adapter
 
