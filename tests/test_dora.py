@@ -338,3 +338,19 @@ def test_low_precision_close_to_fp32_reference(cls, mode):
     torch.testing.assert_close(y.float(), want, rtol=0, atol=2.0**-6 * want.abs().max().item())
     y.float().square().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in low.parameters() if p.requires_grad)
+
+
+def test_meta_device_init_then_reset_magnitude():
+    """Large-model init: build on the meta device, materialise, load W_0, reset m = ||W_0||."""
+    torch.manual_seed(0)
+    real = nn.Linear(40, 24, bias=False)
+    with torch.device("meta"):
+        layer = DoRALinear(nn.Linear(40, 24, bias=False), r=4, alpha=8)
+    layer = layer.to_empty(device="cpu")
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(real.weight)
+    layer.reset_lora_parameters()  # to_empty() left A and B uninitialised
+    layer.reset_magnitude()
+    assert torch.allclose(layer.lora_magnitude_vector, real.weight.norm(dim=1))
+    x = torch.randn(5, 40)
+    assert torch.allclose(layer(x), real(x), atol=1e-6)

@@ -181,7 +181,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, spec: AdapterSpec,
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern, alpha_pattern = {}, {}
     for name, mod in sorted(wrappers.items()):
-        if type(mod) is not want:
+        if not isinstance(mod, want):  # FSDP2 subclasses the wrapper (FSDPDoRALinear)
             raise ValueError(f"{name} is a {type(mod).__name__}, spec.method is {spec.method!r}")
         key = prefix + name
         if getattr(mod, "magnitude_only", False):

@@ -319,6 +319,14 @@ class DoRALinear(_AdapterLinear):
     def invalidate_cache(self) -> None:
         self._w0_sq, self._w0_key = None, None
 
+    def reset_magnitude(self) -> None:
+        """m = ||W_0|| per output row again: after building on the meta device, ``to_empty()``
+        and loading W_0 (large-model init), m must be recomputed from the real weights."""
+        self.invalidate_cache()
+        with torch.no_grad():
+            m = self.lora_magnitude_vector
+            m.copy_(self.base_sq_norm().sqrt().to(m.dtype))
+
     def weight_norm(self) -> torch.Tensor:
         """||V'|| = ||W_0 + s·B·A|| per output row, (out,), compute dtype (lean path)."""
         w0_sq = self.base_sq_norm()
