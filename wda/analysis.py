@@ -1,14 +1,20 @@
 """The streaming engine: checkpoints in, tidy ΔM / ΔD table out.
 
-Module-major: each base matrix W_0 is read once, then the same matrix of every checkpoint
-(merged on the fly for adapters), measured and freed. A background thread reads the next
-tensors while the current ones are measured, so peak memory is a few matrices whatever the
-number of layers or steps.
+Module-major: each base matrix W_0 is read once and prepared (``BaseWeight``), then the same
+matrix of every checkpoint is measured against it in one pass and freed; adapters are
+measured from their factors (``BaseWeight.measure_lowrank``, float32 on the device) without
+forming the merged matrix. A background thread reads ahead: it faults the pages of the next
+tensors in from disk (memory-mapped safetensors: no copy on the CPU), or stages them through
+pinned memory onto the GPU on a side stream, while the current ones are measured. Files are
+reopened per matrix, so the pages mapped into the process are those of the few matrices in
+flight: peak memory is a few matrices whatever the number of layers or steps.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import queue
 import threading
 import time
@@ -20,8 +26,7 @@ import pandas as pd
 import torch
 
 from wda.checkpoints import WEIGHT_SUFFIX, AdapterConfig, HandleCache
-from wda.decompose import AXES, NonFiniteWeights, measure
-from wda.dora import merge_dora, merge_lora
+from wda.decompose import AXES, BaseWeight, Measurement, NonFiniteWeights
 from wda.errors import WdaError
 from wda.layout import Layout, ModuleInfo, Run, discover
 
@@ -99,12 +104,14 @@ def _work_items(layout: Layout) -> Iterator[_Item]:
 
 @dataclass
 class _Loaded:
-    tensors: dict[str, torch.Tensor]  # CPU, stored dtype: "w", or "a", "b", "m" of an adapter
+    tensors: dict[str, torch.Tensor]  # stored dtype: "w", or "a", "b", "m" of an adapter
     adapter: AdapterConfig | None
+    ready: object = None  # CUDA: event recorded after the copies to the device
 
-    @property
-    def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.tensors.values())
+    nbytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.nbytes = sum(v.numel() * v.element_size() for v in self.tensors.values())
 
 
 def _read_item(item: _Item, cache: HandleCache) -> _Loaded:
@@ -119,26 +126,39 @@ def _read_item(item: _Item, cache: HandleCache) -> _Loaded:
     return _Loaded(out, ck.adapter)
 
 
-def _prefetched(items: list[_Item], cache: HandleCache, depth: int, pin: bool):
-    """Yield (item, tensors | WdaError) in order, read ``depth`` items ahead in a thread."""
+def _is_full(item: _Item) -> bool:
+    """A full matrix (the base or a full-weight checkpoint), not a small adapter."""
+    return item.run is None or item.run.method == "FT"
+
+
+def _prefetched(items: list[_Item], cache: HandleCache, depth: int, dev: torch.device):
+    """Yield (item, tensors | WdaError) in order, read ahead in a thread: up to ``depth``
+    full matrices (and up to ``_ADAPTERS_AHEAD`` small adapter items) beyond the current one.
+
+    The thread leaves the measuring thread nothing to wait for: on the CPU it faults the
+    mapped pages in (the disk read happens here, the GIL released); for CUDA it copies them
+    through pinned memory to the device on its own stream (``_stage``)."""
     if depth <= 0:
         for it in items:
             try:
-                yield it, _read_item(it, cache)
+                yield it, _stage(_read_item(it, cache), dev, None)
             except WdaError as err:
                 yield it, err
         return
-    q: queue.Queue = queue.Queue(maxsize=depth)
+    q: queue.Queue = queue.Queue()
     stop = threading.Event()
+    slots = {True: threading.Semaphore(depth), False: threading.Semaphore(_ADAPTERS_AHEAD)}
+    stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
 
     def reader() -> None:
         for it in items:
+            while not slots[_is_full(it)].acquire(timeout=0.05):
+                if stop.is_set():
+                    return
             if stop.is_set():
                 return
             try:
-                data = _read_item(it, cache)
-                if pin:
-                    data.tensors = {k: v.pin_memory() for k, v in data.tensors.items()}
+                data = _stage(_read_item(it, cache), dev, stream)
             except WdaError as err:
                 data = err
             except BaseException as exc:  # never leave the consumer waiting
@@ -149,14 +169,57 @@ def _prefetched(items: list[_Item], cache: HandleCache, depth: int, pin: bool):
     t.start()
     try:
         for _ in items:
-            yield q.get()
+            it, data = q.get()
+            slots[_is_full(it)].release()
+            yield it, data
     finally:
         stop.set()
-        while t.is_alive():  # unblock a reader waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                t.join(timeout=0.05)
+        t.join()
+
+
+_ADAPTERS_AHEAD = 16  # adapter items read ahead (each r x (out + in) factors)
+_BATCH_RANK = 128  # adapters of one matrix projected together: up to this many columns
+
+
+def _stage(data: _Loaded, dev: torch.device, stream) -> _Loaded:
+    """Tensors ready to measure: pages resident (CPU), or copied to ``dev`` on ``stream``."""
+    for v in data.tensors.values():
+        _populate(v)
+    if dev.type != "cuda":
+        return data
+    stream = stream or torch.cuda.current_stream(dev)
+    with torch.cuda.device(dev), torch.cuda.stream(stream):
+        # pinned staging (the caching host allocator reuses these blocks once the copy is
+        # done), then an asynchronous host-to-device copy on the reader's stream
+        data.tensors = {k: v.pin_memory().to(dev, non_blocking=True) for k, v in data.tensors.items()}
+        data.ready = torch.cuda.Event()
+        data.ready.record(stream)
+    return data
+
+
+_MADV_POPULATE_READ = 22  # Linux >= 5.14: fault the pages of a range in, reading them if needed
+_libc = None
+
+
+def _populate(t: torch.Tensor) -> None:
+    """Bring the pages under ``t`` into memory now. For a memory-mapped tensor this is where
+    the file is read; for one already in memory it costs nothing. Never changes data."""
+    global _libc
+    n = t.numel() * t.element_size()
+    if n == 0 or t.device.type != "cpu":
+        return
+    page = mmap.PAGESIZE
+    start = t.data_ptr() // page * page
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        if _libc.madvise(start, t.data_ptr() + n - start, _MADV_POPULATE_READ) == 0:
+            return
+    except (OSError, AttributeError):  # no libc madvise (not Linux)
+        pass
+    if t.is_contiguous():  # older kernel: touch one byte per page
+        t.reshape(-1).view(torch.uint8)[::page].max()
 
 
 # ---- measuring ---------------------------------------------------------------------------
@@ -164,20 +227,100 @@ def _canonical(w: torch.Tensor, m: ModuleInfo) -> torch.Tensor:
     return w.t() if m.transposed else w  # Conv1D (in, out) -> (out, in)
 
 
-def _materialize(item: _Item, data: _Loaded, w0: torch.Tensor,
-                 dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """W_t in (out, in): the stored weight, or W_0 merged with the adapter (in ``dtype``)."""
-    if data.adapter is None:
-        return _canonical(data.tensors["w"].to(dev, non_blocking=True), item.module)
-    t = {k: v.to(dev, dtype=dtype, non_blocking=True) for k, v in data.tensors.items()}
-    # scaling from this checkpoint's own config; PEFT patterns match the adapter's module name
-    s = data.adapter.scaling(item.run.adapter_names[item.module.name])
+def _on_device(data: _Loaded, dev: torch.device) -> dict[str, torch.Tensor]:
+    ready = getattr(data, "ready", None)
+    if ready is None:
+        return {k: v.to(dev) for k, v in data.tensors.items()}
+    cur = torch.cuda.current_stream(dev)
+    cur.wait_event(ready)
+    for v in data.tensors.values():
+        v.record_stream(cur)  # allocated on the reader's stream, used on this one
+    return data.tensors
+
+
+def _prepare_base(item: _Item, data: _Loaded, dev: torch.device, dtype: torch.dtype,
+                  axis: str) -> BaseWeight:
+    w0 = _canonical(_on_device(data, dev)["w"], item.module)
+    try:
+        return BaseWeight(w0, axis=axis, dtype=dtype)
+    except NonFiniteWeights:
+        raise WdaError(item.path, f"non-finite values (NaN/Inf) in base module {item.module.name!r}") from None
+
+
+def _adapter_tensors(data: _Loaded, dev: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    t = {k: v.to(dtype) for k, v in _on_device(data, dev).items()}
     if "m" in t:
-        mag = t["m"].reshape(-1)  # (out,)
-        if "a" not in t:  # magnitude only (paper Table 6): W' = m · W_0 / ||W_0||
-            return w0 * (mag / torch.linalg.vector_norm(w0, dim=1)).unsqueeze(1)
-        return merge_dora(w0, t["a"], t["b"], s, mag)  # Eq. 5
-    return merge_lora(w0, t["a"], t["b"], s)  # Eq. 1
+        t["m"] = t["m"].reshape(-1)  # (out,)
+    return t
+
+
+class _Measurer:
+    """The measuring side of the loop: one prepared W_0 at a time; adapters of a matrix are
+    gathered and projected on W_0 together (``BaseWeight.project``), one pass for all."""
+
+    def __init__(self, options: AnalysisOptions, dev: torch.device, dtype: torch.dtype) -> None:
+        self.options, self.dev, self.dtype = options, dev, dtype
+        self.base: BaseWeight | None = None
+        self.rows: list[dict] = []
+        self.broken: dict[str, str] = {}  # checkpoint path -> reason (skip_broken)
+        self.bytes_read = 0
+        self._pending: list[tuple[_Item, _Loaded]] = []
+        self._rank = 0
+
+    def take(self, item: _Item, data: _Loaded | WdaError) -> None:
+        if str(item.path) in self.broken:
+            return
+        if isinstance(data, WdaError):
+            return self._fail(item, data)
+        self.bytes_read += data.nbytes
+        if data.adapter is not None:
+            self._pending.append((item, data))
+            self._rank += sum(v.shape[0] for k, v in data.tensors.items() if k == "a")
+            if self._rank >= _BATCH_RANK:
+                self.flush()
+            return
+        self.flush()
+        if item.run is None:
+            self.base = None  # let the previous W_0 go first
+            self.base = _prepare_base(item, data, self.dev, self.dtype, self.options.axis)
+            return
+        self._record(item, lambda: self.base.measure(_canonical(_on_device(data, self.dev)["w"], item.module)))
+
+    def flush(self) -> None:
+        """Measure the gathered adapters (Eq. 1, or Eq. 5 with a magnitude) of the current matrix."""
+        pending, self._pending, self._rank = self._pending, [], 0
+        pending = [(it, d) for it, d in pending if str(it.path) not in self.broken]
+        if not pending:
+            return
+        base = self.base
+        tensors = [_adapter_tensors(d, self.dev, self.dtype) for _, d in pending]
+        # the ones measured from their factors share one pass over W_0
+        low = [i for i, t in enumerate(tensors) if "a" in t and not ("m" in t and base.dim == 0)]
+        proj = dict(zip(low, base.project([(tensors[i]["a"], tensors[i]["b"]) for i in low])))
+        for i, ((item, data), t) in enumerate(zip(pending, tensors)):
+            # scaling from this checkpoint's own config; PEFT patterns match the adapter's name
+            s = data.adapter.scaling(item.run.adapter_names[item.module.name])
+            if "a" not in t:  # magnitude only (paper Table 6): W' = m · W_0 / ||W_0||
+                self._record(item, lambda t=t: base.measure_rescaled(t["m"]))
+            else:
+                self._record(item, lambda t=t, s=s, p=proj.get(i): base.measure_lowrank(
+                    t["a"], t["b"], s, t.get("m"), projected=p))
+
+    def _record(self, item: _Item, fn) -> None:
+        try:
+            try:
+                meas = fn()
+            except NonFiniteWeights:
+                raise WdaError(item.path, f"non-finite values (NaN/Inf) in module {item.module.name!r}",
+                               "this checkpoint diverged or is corrupt") from None
+            self.rows.append(_row(item, meas, self.options.axis))
+        except WdaError as err:
+            self._fail(item, err)
+
+    def _fail(self, item: _Item, err: WdaError) -> None:
+        if item.run is None or not self.options.skip_broken:
+            raise err
+        self.broken[str(item.path)] = str(err)
 
 
 def run_analysis(ckpt_dir: str | Path, options: AnalysisOptions = AnalysisOptions()) -> AnalysisResult:
@@ -188,51 +331,27 @@ def run_analysis(ckpt_dir: str | Path, options: AnalysisOptions = AnalysisOption
     dev = resolve_device(options.device)
     dtype = DTYPES[options.dtype]
     items = list(_work_items(layout))
-    n_ckpts = sum(len(r.steps) for r in layout.runs) + 1
-    cache = HandleCache(size=max(8, min(n_ckpts, 256)))
-    rows: list[dict] = []
-    broken: dict[str, str] = {}  # checkpoint path -> reason (skip_broken)
-    bytes_read = 0
-    w0 = None
+    # Every checkpoint is reopened for each matrix (opening parses a header: ~0.1-1 ms): a
+    # memory-mapped file keeps the pages it has served mapped until it is closed, and in
+    # module-major order a cache of open files would end up holding every analysed byte.
+    cache = HandleCache(size=1)
+    work = _Measurer(options, dev, dtype)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(items), desc="wda: measuring", unit="matrix", disable=not options.progress)
     try:
-        for item, data in _prefetched(items, cache, options.prefetch, pin=dev.type == "cuda"):
+        for item, data in _prefetched(items, cache, options.prefetch, dev):
             bar.update(1)
-            if str(item.path) in broken:
-                continue
-            try:
-                if isinstance(data, WdaError):
-                    raise data
-                bytes_read += data.nbytes
-                if item.run is None:
-                    w0 = _canonical(data.tensors["w"].to(dev, non_blocking=True), item.module).to(dtype)
-                    _check_finite(w0, item)
-                    continue
-                wt = _materialize(item, data, w0, dev, dtype)
-                try:
-                    meas = measure(w0, wt, axis=options.axis, dtype=dtype)
-                except NonFiniteWeights:
-                    raise WdaError(item.path, f"non-finite values (NaN/Inf) in module {item.module.name!r}",
-                                   "this checkpoint diverged or is corrupt") from None
-                rows.append(_row(item, meas, options.axis))
-            except WdaError as err:
-                if item.run is None or not options.skip_broken:
-                    raise
-                broken[str(item.path)] = str(err)
+            work.take(item, data)
+            del data
+        work.flush()
     finally:
         bar.close()
+    broken = work.broken
     skipped = list(layout.skipped) + sorted(broken.items())
-    if broken:
-        rows = [r for r in rows if r["_path"] not in broken]
+    rows = [r for r in work.rows if r["_path"] not in broken]
     metrics = _table(rows)
-    return AnalysisResult(metrics, layout, str(dev), options, time.perf_counter() - t0, bytes_read, skipped)
-
-
-def _check_finite(w0: torch.Tensor, item: _Item) -> None:
-    if not torch.isfinite(torch.linalg.vector_norm(w0)):
-        raise WdaError(item.path, f"non-finite values (NaN/Inf) in base module {item.module.name!r}")
+    return AnalysisResult(metrics, layout, str(dev), options, time.perf_counter() - t0, work.bytes_read, skipped)
 
 
 def _row(item: _Item, meas, axis: str) -> dict:

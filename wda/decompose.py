@@ -67,15 +67,21 @@ def vector_changes(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out",
     Both forms avoid the cancellation of ``1 - cos`` (at θ = 1e-4 rad the true value is
     5e-9, below float32 resolution around 1) and of ``|v| - |u|``: every error stays
     relative to the size of the change itself, so float32 matches float64 at tiny angles.
+    This is the reference form (several passes over the matrix); ``BaseWeight`` computes the
+    same quantities in one pass per checkpoint.
     """
     if w0.shape != wt.shape:
         raise ValueError(f"shape mismatch: base {tuple(w0.shape)} vs checkpoint {tuple(wt.shape)}")
     if w0.dim() != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(w0.shape)}")
-    dim = reduce_dim(axis)
     u = w0.to(dtype)
     v = wt.to(dtype)
-    delta = v - u
+    return _changes(u, v, v - u, reduce_dim(axis))
+
+
+def _changes(u: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, dim: int) -> VectorChanges:
+    """The residual form of ``vector_changes`` given u, v and δ = v - u (δ may be more exact
+    than ``v - u``: a low-rank update is known before it is added)."""
     n0 = torch.linalg.vector_norm(u, dim=dim)  # (out,) for axis "out"
     nt = torch.linalg.vector_norm(v, dim=dim)
     ud = (u * delta).sum(dim=dim)  # u·δ
@@ -107,6 +113,21 @@ class Measurement:
     m0_mean: float  # mean ||W_0^n|| over valid vectors (context for relative changes)
 
 
+def summarize(ch: VectorChanges) -> Measurement:
+    """Eqs. 3-4 from per-vector changes: means over the valid vectors (one device sync)."""
+    n = ch.valid.numel()
+    # Sums in float64 so that means over many vectors add no error of their own.
+    vm = ch.valid.to(torch.float64)
+    k, dm, dd, m0 = torch.stack([vm.sum(), (ch.dm.abs().to(torch.float64) * vm).sum(),
+                                 (ch.dd.to(torch.float64) * vm).sum(),
+                                 (ch.m0.to(torch.float64) * vm).sum()]).tolist()
+    k = int(k)
+    if k == 0:
+        nan = float("nan")
+        return Measurement(nan, nan, n, n, nan)
+    return Measurement(dm / k, dd / k, n, n - k, m0 / k)
+
+
 def measure(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out",
             dtype: torch.dtype = torch.float32) -> Measurement:
     """ΔM (Eq. 3) and ΔD (Eq. 4) of ``wt`` against ``w0``.
@@ -114,22 +135,241 @@ def measure(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out",
     Zero-norm vectors (real models have some) have no direction: they are excluded from
     both means and counted in ``n_excluded`` rather than turning the layer into NaN.
     """
-    ch = vector_changes(w0, wt, axis=axis, dtype=dtype)
-    n = ch.valid.numel()
-    k = int(ch.valid.sum())
-    if k == 0:
-        nan = float("nan")
-        return Measurement(nan, nan, n, n, nan)
-    # Sums in float64 so that means over many vectors add no error of their own.
-    vm = ch.valid.to(torch.float64)
-    dm = (ch.dm.abs().to(torch.float64) * vm).sum() / k
-    dd = (ch.dd.to(torch.float64) * vm).sum() / k
-    m0 = (ch.m0.to(torch.float64) * vm).sum() / k
-    return Measurement(float(dm), float(dd), n, n - k, float(m0))
+    if w0.shape != wt.shape:
+        raise ValueError(f"shape mismatch: base {tuple(w0.shape)} vs checkpoint {tuple(wt.shape)}")
+    return BaseWeight(w0, axis=axis, dtype=dtype).measure(wt)
 
 
 def measure_many(w0: torch.Tensor, wts: list[torch.Tensor], axis: Axis = "out",
                  dtype: torch.dtype = torch.float32) -> list[Measurement]:
-    """``measure`` for several checkpoints of one matrix (W_0 cast once)."""
-    u = w0.to(dtype)
-    return [measure(u, wt, axis=axis, dtype=dtype) for wt in wts]
+    """``measure`` for several checkpoints of one matrix (W_0 prepared once)."""
+    base = BaseWeight(w0, axis=axis, dtype=dtype)
+    return [base.measure(wt) for wt in wts]
+
+
+# ---- one W_0, many checkpoints: the streaming form ---------------------------------------
+# Rows whose change lies mostly along u, (u·δ)² > _ALONG·|u|²|δ|², take the residual form;
+# elsewhere |δ_⊥|² = |δ|² - (u·δ)²/|u|² loses at most a bit to cancellation.
+_ALONG = 0.5
+# Low-rank |δ|² = s²·B_n (A Aᵀ) B_nᵀ: rows where that sum cancels by more than 1/_GRAM of its
+# absolute terms (nearly dependent rows of A) are recomputed densely.
+_GRAM = 1e-2
+# Rows per block: this many elements per buffer and thread stay in L2 on a CPU (512 KiB in
+# float32); on a GPU a block is a whole matrix up to this many elements.
+CPU_BLOCK_ELEMENTS = 1 << 17
+CUDA_BLOCK_ELEMENTS = 1 << 26
+
+
+class BaseWeight:
+    """W_0 of one matrix, prepared once for every checkpoint measured against it.
+
+    ``measure(wt)`` gives ``measure(w0, wt)`` in one pass over ``wt``: blocks of rows are
+    converted to the compute dtype, differenced and reduced while they sit in cache. With
+    u = W_0^n, δ = W_t^n - u, a = u·δ/|u| (the change along u), |δ_⊥|² = |δ|² - a² (the
+    change across u) and q = |u| + a, so that |v|² = q² + |δ_⊥|²:
+
+        1 - cos(u, v) = (|v| - q) / |v| = |δ_⊥|² / (|v| (|v| + q))      (q > 0; else 1 - q/|v|)
+        |v| - |u|     = (2 u·δ + |δ|²) / (|u| + |v|)
+
+    Only u·δ and |δ|² are summed, and every error stays relative to the change itself, as in
+    ``vector_changes``, except where |δ|² - a² cancels: δ lying along u (a pure rescaling,
+    a sign flip). Those rows, and zero rows, are recomputed with the residual form of
+    ``vector_changes``. ``measure_lowrank`` does the same for LoRA/DoRA adapters from the
+    factors, without forming an (out, in) matrix.
+
+    W_0 is kept vector-major (one row per magnitude vector: the (out, in) weight for axis
+    "out", its transpose for "in") in its stored dtype when the compute dtype holds it
+    exactly (bf16 -> float32): half the memory traffic of a float32 copy.
+    """
+
+    def __init__(self, w0: torch.Tensor, axis: Axis = "out", dtype: torch.dtype = torch.float32,
+                 block_rows: int | None = None) -> None:
+        if w0.dim() != 2:
+            raise ValueError(f"expected a 2-D weight, got shape {tuple(w0.shape)}")
+        self.axis, self.dim, self.dtype = axis, reduce_dim(axis), dtype
+        self.shape = tuple(w0.shape)
+        vecs = w0 if self.dim == 1 else w0.t()  # (out, in) or (in, out): one row per vector
+        if torch.promote_types(vecs.dtype, dtype) != dtype:  # not exact in dtype: convert once
+            vecs = vecs.to(dtype)
+        self.vecs = vecs.contiguous()
+        rows, n = self.vecs.shape
+        dev = self.vecs.device
+        # on a CPU, one L2-sized slice of a block per thread
+        budget = CUDA_BLOCK_ELEMENTS if dev.type == "cuda" else CPU_BLOCK_ELEMENTS * torch.get_num_threads()
+        self.block = max(1, min(rows, block_rows or budget // max(n, 1)))
+        self._d = torch.empty(self.block, n, dtype=dtype, device=dev)  # δ of one block
+        # W_0 rows converted to the compute dtype, one block at a time (then reused for u ⊙ δ)
+        self._u = torch.empty_like(self._d) if self.vecs.dtype != dtype else None
+        self._t = self._u if self._u is not None else torch.empty_like(self._d)  # u ⊙ δ
+        self._gemm_buf: torch.Tensor | None = None
+        n0 = torch.empty(rows, dtype=dtype, device=dev)
+        for r0, r1, u in self._blocks():
+            torch.linalg.vector_norm(u, dim=1, out=n0[r0:r1])
+        if not bool(torch.isfinite(n0).all()):
+            raise NonFiniteWeights("non-finite values (NaN/Inf) in the base weight")
+        self.n0 = n0  # |u| per vector
+        self.n0sq = n0 * n0
+
+    # -- full weights --
+    def measure(self, wt: torch.Tensor) -> Measurement:
+        """ΔM, ΔD of the full weight ``wt`` (same layout as W_0, any float dtype)."""
+        return summarize(self.changes(wt))
+
+    def changes(self, wt: torch.Tensor) -> VectorChanges:
+        if tuple(wt.shape) != self.shape:
+            raise ValueError(f"shape mismatch: base {self.shape} vs checkpoint {tuple(wt.shape)}")
+        src = wt if self.dim == 1 else wt.t()
+        rows = self.vecs.shape[0]
+        ud = torch.empty(rows, dtype=self.dtype, device=self.vecs.device)
+        dd2 = torch.empty_like(ud)
+        for r0, r1, u in self._blocks():
+            d = self._d[: r1 - r0]
+            d.copy_(src[r0:r1])  # stored dtype -> compute dtype, in cache
+            d.sub_(u)  # δ = v - u
+            torch.linalg.vector_norm(d, dim=1, out=dd2[r0:r1])  # |δ|
+            # u·δ; u's block is not needed after this, so its buffer may take the product
+            torch.sum(torch.mul(u, d, out=self._t[: r1 - r0]), dim=1, out=ud[r0:r1])
+        dd2.square_()
+
+        def dense(idx: torch.Tensor) -> VectorChanges:
+            u = self.vecs.index_select(0, idx).to(self.dtype)
+            v = src.index_select(0, idx).to(self.dtype)
+            return _changes(u, v, v - u, 1)
+
+        return self._finish(ud, dd2, dense)
+
+    # -- adapters --
+    def measure_lowrank(self, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                        magnitude: torch.Tensor | None = None,
+                        projected: torch.Tensor | None = None) -> Measurement:
+        """ΔM, ΔD of W_0 + s·B·A (Eq. 1), or with ``magnitude`` of DoRA's
+        m · (W_0 + s·B·A) / ||W_0 + s·B·A|| (Eq. 5, norm per output row).
+        ``projected``: this adapter's part of ``project`` (several adapters, one pass)."""
+        return summarize(self.changes_lowrank(a, b, scaling, magnitude, projected))
+
+    def project(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """W_0 times the input factor of each adapter (A, B) in one pass over W_0: per vector
+        n, the (vectors, r) products u_n · A_j that ``changes_lowrank`` needs. One GEMM with
+        the factors side by side reads W_0 once for all of them."""
+        avs = [self._factors(a, b)[1] for a, b in factors]
+        if not avs:
+            return []
+        cat = torch.cat(avs, 0)  # (Σr, n)
+        rows, n = self.vecs.shape
+        out = torch.empty(rows, cat.shape[0], dtype=self.dtype, device=self.vecs.device)
+        if self._u is None:
+            torch.mm(self.vecs, cat.t(), out=out)  # (rows, n) @ (n, Σr)
+        else:  # convert W_0 a block of rows at a time: no float32 copy of the whole matrix
+            step = max(self.block, min(rows, (1 << 20) // max(n, 1)))
+            if self._gemm_buf is None or self._gemm_buf.shape[0] < step:
+                self._gemm_buf = torch.empty(step, n, dtype=self.dtype, device=self.vecs.device)
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                buf = self._gemm_buf[: r1 - r0].copy_(self.vecs[r0:r1])
+                torch.mm(buf, cat.t(), out=out[r0:r1])
+        cols = [av.shape[0] for av in avs]
+        return list(torch.split(out, cols, dim=1))
+
+    def changes_lowrank(self, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                        magnitude: torch.Tensor | None = None,
+                        projected: torch.Tensor | None = None) -> VectorChanges:
+        """A (r, in), B (out, r), m (out,): per vector, u·δ = s·B_n·(W_0 Aᵀ)_n and
+        |δ|² = s²·B_n (A Aᵀ) B_nᵀ: O(out·in·r) flops, no (out, in) temporary."""
+        if magnitude is not None and self.dim == 0:
+            # Eq. 5 rescales output rows: per input column that is no longer low rank.
+            a, b = a.to(self.dtype), b.to(self.dtype)
+            w0 = self.vecs.t().to(self.dtype, memory_format=torch.contiguous_format)  # (out, in)
+            v = w0 + scaling * (b @ a)  # (out, in)
+            return self.changes(v * _rescale(magnitude, torch.linalg.vector_norm(v, dim=1)).unsqueeze(1))
+        bv, av = self._factors(a, b)  # δ (vector-major) = s · bv @ av
+        p = projected if projected is not None else self.project([(a, b)])[0]  # (rows, r)
+        ud = scaling * (bv * p).sum(dim=1)  # u·δ
+        g = av @ av.t()  # (r, r) Gram matrix
+        dd2 = (scaling * scaling) * ((bv @ g) * bv).sum(dim=1)  # |δ|²
+        bound = (scaling * scaling) * ((bv.abs() @ g.abs()) * bv.abs()).sum(dim=1)
+        gram_ok = dd2 >= _GRAM * bound
+
+        def dense(idx: torch.Tensor) -> VectorChanges:
+            uu = self.vecs.index_select(0, idx).to(self.dtype)
+            delta = scaling * (bv.index_select(0, idx) @ av)  # (k, r) @ (r, n)
+            return _changes(uu, uu + delta, delta, 1)
+
+        ch = self._finish(ud, dd2, dense, gram_ok)
+        if magnitude is None:
+            return ch
+        # Eq. 5: W'_n = m_n V'_n / |V'_n| has norm |m_n| and the direction of ±V'_n.
+        m = _finite_magnitude(magnitude, self.dtype)
+        valid = ch.valid & (m != 0)
+        dd = torch.where(m < 0, 2.0 - ch.dd, ch.dd)
+        return VectorChanges(m0=self.n0, dm=m.abs() - self.n0, dd=torch.where(valid, dd, 0.0), valid=valid)
+
+    def _factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bv, av) with the update per vector δ = s · bv @ av, in the compute dtype."""
+        out_f, in_f = self.shape
+        r = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or tuple(b.shape) != (out_f, r):
+            raise ValueError(f"lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
+                             f"the base (out={out_f}, in={in_f})")
+        a, b = a.to(self.dtype), b.to(self.dtype)
+        return (b, a) if self.dim == 1 else (a.t(), b.t())  # axis "in": δᵀ = s · Aᵀ Bᵀ
+
+    def measure_rescaled(self, magnitude: torch.Tensor) -> Measurement:
+        """DoRA with a magnitude only (paper Table 6): W' = m · W_0 / ||W_0||, per output row."""
+        m = _finite_magnitude(magnitude, self.dtype)
+        if self.dim == 0:
+            w0 = self.vecs.t().to(self.dtype, memory_format=torch.contiguous_format)  # (out, in)
+            return self.measure(w0 * _rescale(m, torch.linalg.vector_norm(w0, dim=1)).unsqueeze(1))
+        valid = (self.n0 > 0) & (m != 0)
+        dd = torch.where(valid & (m < 0), 2.0, 0.0).to(self.dtype)
+        return summarize(VectorChanges(m0=self.n0, dm=m.abs() - self.n0, dd=dd, valid=valid))
+
+    # -- internals --
+    def _blocks(self):
+        """(r0, r1, rows r0:r1 of W_0 in the compute dtype)."""
+        rows = self.vecs.shape[0]
+        for r0 in range(0, rows, self.block):
+            r1 = min(rows, r0 + self.block)
+            u = self.vecs[r0:r1]
+            if self._u is not None:
+                u = self._u[: r1 - r0].copy_(u)
+            yield r0, r1, u
+
+    def _finish(self, ud: torch.Tensor, dd2: torch.Tensor, dense, ok: torch.Tensor | None = None
+                ) -> VectorChanges:
+        """Per-vector changes from u·δ and |δ|²; rows the closed form cannot take go to ``dense``."""
+        if not bool(torch.isfinite(ud).all() & torch.isfinite(dd2).all()):
+            raise NonFiniteWeights("non-finite values (NaN/Inf) in the checkpoint weight")
+        n0 = self.n0
+        pos = n0 > 0
+        a = ud / torch.where(pos, n0, 1.0)  # change along u
+        perp = (dd2 - a * a).clamp_min(0.0)  # |δ_⊥|²
+        q = n0 + a  # v along u
+        nt = torch.sqrt(q * q + perp)  # |v|
+        closed = pos & (ud * ud <= _ALONG * self.n0sq * dd2)  # δ not mostly along u: nt > 0
+        if ok is not None:
+            closed &= ok
+        nt = torch.where(closed, nt, 1.0)
+        dm = (2.0 * ud + dd2) / (n0 + nt)
+        dd = torch.where(q > 0, perp / (nt * (nt + q.abs())), 1.0 - q / nt).clamp(0.0, 2.0)
+        valid = closed.clone()
+        idx = torch.nonzero(~closed).squeeze(1)
+        step = 8 * self.block
+        for i in range(0, idx.numel(), step):  # residual form, a few blocks of rows at a time
+            j = idx[i:i + step]
+            ch = dense(j)
+            dm[j], dd[j], valid[j] = ch.dm, ch.dd, ch.valid
+        return VectorChanges(m0=n0, dm=dm, dd=torch.where(valid, dd, 0.0), valid=valid)
+
+
+def _finite_magnitude(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    m = magnitude.reshape(-1).to(dtype)
+    if not bool(torch.isfinite(m).all()):
+        raise NonFiniteWeights("non-finite values (NaN/Inf) in the checkpoint's magnitude vector")
+    return m
+
+
+def _rescale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """m / ||V'|| per output row, 0 where ||V'|| = 0 (the row merges to zero)."""
+    m = magnitude.reshape(-1).to(norm.dtype)
+    ok = norm > 0
+    return torch.where(ok, m / torch.where(ok, norm, 1.0), 0.0)
