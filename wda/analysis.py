@@ -12,11 +12,7 @@ flight: peak memory is a few matrices whatever the number of layers or steps.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import mmap
-import queue
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +25,7 @@ from wda.checkpoints import WEIGHT_SUFFIX, AdapterConfig, HandleCache
 from wda.decompose import AXES, BaseWeight, Measurement, NonFiniteWeights
 from wda.errors import WdaError
 from wda.layout import Layout, ModuleInfo, Run, discover
+from wda.prefetch import prefetched, stage
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +99,14 @@ def _work_items(layout: Layout) -> Iterator[_Item]:
                     yield _Item(m, run, step, path)
 
 
+_BATCH_RANK = 128  # adapters of one matrix projected together: up to this many columns
+
+
 @dataclass
 class _Loaded:
     tensors: dict[str, torch.Tensor]  # stored dtype: "w", or "a", "b", "m" of an adapter
     adapter: AdapterConfig | None
+    source: Path  # the file the tensors came from (named in errors)
     ready: object = None  # CUDA: event recorded after the copies to the device
 
     nbytes: int = 0
@@ -118,12 +119,13 @@ def _read_item(item: _Item, cache: HandleCache) -> _Loaded:
     """The stored tensors of one matrix."""
     ck = cache.get(item.path)
     if ck.adapter is None:
-        return _Loaded({"w": ck.read(item.module.name + WEIGHT_SUFFIX)}, None)
+        name = item.module.name + WEIGHT_SUFFIX
+        return _Loaded({"w": ck.read(name)}, None, ck.file_of(name))
     keys = ck.adapter_modules[item.run.adapter_names[item.module.name]]
     out = {"m": ck.read(keys.magnitude)} if keys.magnitude else {}
     if keys.a is not None:
         out["a"], out["b"] = ck.read(keys.a), ck.read(keys.b)
-    return _Loaded(out, ck.adapter)
+    return _Loaded(out, ck.adapter, ck.adapter_file)
 
 
 def _is_full(item: _Item) -> bool:
@@ -131,95 +133,20 @@ def _is_full(item: _Item) -> bool:
     return item.run is None or item.run.method == "FT"
 
 
-def _prefetched(items: list[_Item], cache: HandleCache, depth: int, dev: torch.device):
-    """Yield (item, tensors | WdaError) in order, read ahead in a thread: up to ``depth``
-    full matrices (and up to ``_ADAPTERS_AHEAD`` small adapter items) beyond the current one.
-
-    The thread leaves the measuring thread nothing to wait for: on the CPU it faults the
-    mapped pages in (the disk read happens here, the GIL released); for CUDA it copies them
-    through pinned memory to the device on its own stream (``_stage``)."""
-    if depth <= 0:
-        for it in items:
-            try:
-                yield it, _stage(_read_item(it, cache), dev, None)
-            except WdaError as err:
-                yield it, err
-        return
-    q: queue.Queue = queue.Queue()
-    stop = threading.Event()
-    slots = {True: threading.Semaphore(depth), False: threading.Semaphore(_ADAPTERS_AHEAD)}
+def _reader(cache: HandleCache, dev: torch.device):
+    """read(item) for the prefetch thread: tensors read, pages resident or copied to ``dev``."""
     stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
 
-    def reader() -> None:
-        for it in items:
-            while not slots[_is_full(it)].acquire(timeout=0.05):
-                if stop.is_set():
-                    return
-            if stop.is_set():
-                return
-            try:
-                data = _stage(_read_item(it, cache), dev, stream)
-            except WdaError as err:
-                data = err
-            except BaseException as exc:  # never leave the consumer waiting
-                data = WdaError(it.path, f"cannot read ({exc})")
-            q.put((it, data))
-
-    t = threading.Thread(target=reader, daemon=True, name="wda-reader")
-    t.start()
-    try:
-        for _ in items:
-            it, data = q.get()
-            slots[_is_full(it)].release()
-            yield it, data
-    finally:
-        stop.set()
-        t.join()
-
-
-_ADAPTERS_AHEAD = 16  # adapter items read ahead (each r x (out + in) factors)
-_BATCH_RANK = 128  # adapters of one matrix projected together: up to this many columns
-
-
-def _stage(data: _Loaded, dev: torch.device, stream) -> _Loaded:
-    """Tensors ready to measure: pages resident (CPU), or copied to ``dev`` on ``stream``."""
-    for v in data.tensors.values():
-        _populate(v)
-    if dev.type != "cuda":
+    def read(item: _Item) -> _Loaded:
+        data = _read_item(item, cache)
+        try:
+            data.tensors, data.ready = stage(data.tensors, dev, stream)
+        except OSError as exc:
+            raise WdaError(data.source, f"cannot read tensors of {item.module.name!r} ({exc.strerror})",
+                           "the file may be truncated or on a failing disk") from None
         return data
-    stream = stream or torch.cuda.current_stream(dev)
-    with torch.cuda.device(dev), torch.cuda.stream(stream):
-        # pinned staging (the caching host allocator reuses these blocks once the copy is
-        # done), then an asynchronous host-to-device copy on the reader's stream
-        data.tensors = {k: v.pin_memory().to(dev, non_blocking=True) for k, v in data.tensors.items()}
-        data.ready = torch.cuda.Event()
-        data.ready.record(stream)
-    return data
 
-
-_MADV_POPULATE_READ = 22  # Linux >= 5.14: fault the pages of a range in, reading them if needed
-_libc = None
-
-
-def _populate(t: torch.Tensor) -> None:
-    """Bring the pages under ``t`` into memory now. For a memory-mapped tensor this is where
-    the file is read; for one already in memory it costs nothing. Never changes data."""
-    global _libc
-    n = t.numel() * t.element_size()
-    if n == 0 or t.device.type != "cpu":
-        return
-    page = mmap.PAGESIZE
-    start = t.data_ptr() // page * page
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        if _libc.madvise(start, t.data_ptr() + n - start, _MADV_POPULATE_READ) == 0:
-            return
-    except (OSError, AttributeError):  # no libc madvise (not Linux)
-        pass
-    if t.is_contiguous():  # older kernel: touch one byte per page
-        t.reshape(-1).view(torch.uint8)[::page].max()
+    return read
 
 
 # ---- measuring ---------------------------------------------------------------------------
@@ -244,7 +171,7 @@ def _prepare_base(item: _Item, data: _Loaded, dev: torch.device, dtype: torch.dt
     try:
         return BaseWeight(w0, axis=axis, dtype=dtype)
     except NonFiniteWeights:
-        raise WdaError(item.path, f"non-finite values (NaN/Inf) in base module {item.module.name!r}") from None
+        raise WdaError(data.source, f"non-finite values (NaN/Inf) in base module {item.module.name!r}") from None
 
 
 def _adapter_tensors(data: _Loaded, dev: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -284,7 +211,7 @@ class _Measurer:
             self.base = None  # let the previous W_0 go first
             self.base = _prepare_base(item, data, self.dev, self.dtype, self.options.axis)
             return
-        self._record(item, lambda: self.base.measure(_canonical(_on_device(data, self.dev)["w"], item.module)))
+        self._record(item, data, lambda: self.base.measure(_canonical(_on_device(data, self.dev)["w"], item.module)))
 
     def flush(self) -> None:
         """Measure the gathered adapters (Eq. 1, or Eq. 5 with a magnitude) of the current matrix."""
@@ -301,25 +228,27 @@ class _Measurer:
             # scaling from this checkpoint's own config; PEFT patterns match the adapter's name
             s = data.adapter.scaling(item.run.adapter_names[item.module.name])
             if "a" not in t:  # magnitude only (paper Table 6): W' = m · W_0 / ||W_0||
-                self._record(item, lambda t=t: base.measure_rescaled(t["m"]))
+                self._record(item, data, lambda t=t: base.measure_rescaled(t["m"]))
             else:
-                self._record(item, lambda t=t, s=s, p=proj.get(i): base.measure_lowrank(
+                self._record(item, data, lambda t=t, s=s, p=proj.get(i): base.measure_lowrank(
                     t["a"], t["b"], s, t.get("m"), projected=p))
 
-    def _record(self, item: _Item, fn) -> None:
+    def _record(self, item: _Item, data: _Loaded, fn) -> None:
         try:
             try:
                 meas = fn()
             except NonFiniteWeights:
-                raise WdaError(item.path, f"non-finite values (NaN/Inf) in module {item.module.name!r}",
+                raise WdaError(data.source, f"non-finite values (NaN/Inf) in module {item.module.name!r}",
                                "this checkpoint diverged or is corrupt") from None
             self.rows.append(_row(item, meas, self.options.axis))
         except WdaError as err:
             self._fail(item, err)
 
     def _fail(self, item: _Item, err: WdaError) -> None:
-        if item.run is None or not self.options.skip_broken:
+        if item.run is None:
             raise err
+        if not self.options.skip_broken:
+            raise err.with_hint("--skip-broken analyses the rest")
         self.broken[str(item.path)] = str(err)
 
 
@@ -340,7 +269,7 @@ def run_analysis(ckpt_dir: str | Path, options: AnalysisOptions = AnalysisOption
 
     bar = tqdm(total=len(items), desc="wda: measuring", unit="matrix", disable=not options.progress)
     try:
-        for item, data in _prefetched(items, cache, options.prefetch, dev):
+        for item, data in prefetched(items, _reader(cache, dev), options.prefetch, _is_full):
             bar.update(1)
             work.take(item, data)
             del data
@@ -350,8 +279,18 @@ def run_analysis(ckpt_dir: str | Path, options: AnalysisOptions = AnalysisOption
     broken = work.broken
     skipped = list(layout.skipped) + sorted(broken.items())
     rows = [r for r in work.rows if r["_path"] not in broken]
+    _drop_broken(layout, broken)
+    if not rows:
+        raise WdaError(layout.root, "no valid checkpoint left to analyse", "every checkpoint was skipped")
     metrics = _table(rows)
     return AnalysisResult(metrics, layout, str(dev), options, time.perf_counter() - t0, work.bytes_read, skipped)
+
+
+def _drop_broken(layout: Layout, broken: dict[str, str]) -> None:
+    """Checkpoints skipped while measuring leave the layout too, so it describes the table."""
+    for run in layout.runs:
+        run.steps = {s: p for s, p in run.steps.items() if str(p) not in broken}
+    layout.runs = [r for r in layout.runs if r.steps]
 
 
 def _row(item: _Item, meas, axis: str) -> dict:

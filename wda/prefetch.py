@@ -1,0 +1,121 @@
+"""Read-ahead for the streaming engine: the next matrices' tensors are made ready in a
+background thread while the current ones are measured.
+
+On the CPU the thread faults the pages of memory-mapped tensors in (the disk read happens
+there, with the GIL released); for CUDA it stages them through pinned memory onto the device
+on its own stream and records an event the measuring side waits on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import queue
+import threading
+from typing import Callable, Iterator, Sequence, TypeVar
+
+import torch
+
+from wda.errors import WdaError
+
+T = TypeVar("T")
+ADAPTERS_AHEAD = 16  # small items (adapter factors) read ahead beyond the large ones
+
+
+def prefetched(items: Sequence[T], read: Callable[[T], object], depth: int,
+               is_large: Callable[[T], bool]) -> Iterator[tuple[T, object]]:
+    """Yield ``(item, read(item))`` in order, reading ahead in a thread: up to ``depth`` large
+    items (and ``ADAPTERS_AHEAD`` small ones) beyond the current one. A ``WdaError`` raised
+    by ``read`` is yielded in place of the data (the caller decides whether to skip); any
+    other exception is re-raised in the caller's thread, so a bug stays a bug."""
+    if depth <= 0:
+        for it in items:
+            try:
+                yield it, read(it)
+            except WdaError as err:
+                yield it, err
+        return
+    q: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    slots = {True: threading.Semaphore(depth), False: threading.Semaphore(ADAPTERS_AHEAD)}
+
+    def reader() -> None:
+        for it in items:
+            while not slots[is_large(it)].acquire(timeout=0.05):
+                if stop.is_set():
+                    return
+            if stop.is_set():
+                return
+            try:
+                data = read(it)
+            except WdaError as err:
+                data = err
+            except BaseException as exc:  # hand it over: never leave the consumer waiting
+                data = _Crash(exc)
+            q.put((it, data))
+
+    t = threading.Thread(target=reader, daemon=True, name="wda-reader")
+    t.start()
+    try:
+        for _ in items:
+            it, data = q.get()
+            slots[is_large(it)].release()
+            if isinstance(data, _Crash):
+                raise data.exc
+            yield it, data
+    finally:
+        stop.set()
+        t.join()
+
+
+class _Crash:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def stage(tensors: dict[str, torch.Tensor], dev: torch.device, stream=None):
+    """Tensors ready to measure: pages resident (CPU), or copied to ``dev`` on ``stream``.
+    Returns ``(tensors, event)``; the event (CUDA only) marks the end of the copies."""
+    for v in tensors.values():
+        populate(v)
+    if dev.type != "cuda":
+        return tensors, None
+    stream = stream or torch.cuda.current_stream(dev)
+    with torch.cuda.device(dev), torch.cuda.stream(stream):
+        # pinned staging (the caching host allocator reuses these blocks once the copy is
+        # done), then an asynchronous host-to-device copy on the reader's stream
+        tensors = {k: v.pin_memory().to(dev, non_blocking=True) for k, v in tensors.items()}
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    return tensors, ready
+
+
+_MADV_POPULATE_READ = 22  # Linux >= 5.14: fault the pages of a range in, reading them if needed
+_libc = None
+
+
+def populate(t: torch.Tensor) -> None:
+    """Bring the pages under ``t`` into memory now. For a memory-mapped tensor this is where
+    the file is read; for one already in memory it costs nothing. Never changes data.
+    Raises OSError when the pages cannot be read (I/O error, file truncated under us):
+    touching them instead would kill the process with SIGBUS."""
+    global _libc
+    n = t.numel() * t.element_size()
+    if n == 0 or t.device.type != "cpu":
+        return
+    page = mmap.PAGESIZE
+    start = t.data_ptr() // page * page
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        if _libc.madvise(start, t.data_ptr() + n - start, _MADV_POPULATE_READ) == 0:
+            return
+        err = ctypes.get_errno()
+        if err in (errno.EFAULT, errno.EIO):
+            raise OSError(err, "cannot read the mapped pages")
+    except AttributeError:  # no libc madvise (not Linux)
+        pass
+    if t.is_contiguous():  # older kernel (EINVAL): touch one byte per page
+        t.reshape(-1).view(torch.uint8)[::page].max()
