@@ -76,3 +76,17 @@ def peft_checkpoints(model, run_dir: Path, config, steps=(10, 20), scale=0.05, s
         ref = copy.deepcopy(pm).double().merge_and_unload()
         out[step] = {k: v.detach().clone() for k, v in ref.state_dict().items()}
     return out
+
+
+def qv_runs(d: Path, layers: int = 2) -> Path:
+    """A small complete directory: tiny Llama base, ``ft`` (full weights, steps 10/20), and
+    PEFT ``lora`` / ``dora`` runs on q_proj and v_proj (steps 10/20)."""
+    from peft import LoraConfig
+
+    model = tiny_llama(layers=layers)
+    save_full(model, d / "base")
+    ft_checkpoints(model, d / "ft", steps=(10, 20), scale=0.004)
+    peft_checkpoints(model, d / "lora", LoraConfig(r=4, lora_alpha=8, target_modules=Q_V))
+    peft_checkpoints(model, d / "dora", LoraConfig(r=4, lora_alpha=8, target_modules=Q_V, use_dora=True),
+                     seed=3)
+    return d

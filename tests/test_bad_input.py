@@ -21,10 +21,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from builders import Q_V, ft_checkpoints, peft_checkpoints, save_full, tiny_llama
+from builders import qv_runs
 from wda.errors import WdaError
 from wda.report import main
 
@@ -35,13 +34,7 @@ PEFT = "base_model.model."
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("pristine")
-    model = tiny_llama(layers=2)
-    save_full(model, d / "base")
-    ft_checkpoints(model, d / "ft", steps=(10, 20), scale=0.004)
-    peft_checkpoints(model, d / "lora", LoraConfig(r=4, lora_alpha=8, target_modules=Q_V))
-    peft_checkpoints(model, d / "dora", LoraConfig(r=4, lora_alpha=8, target_modules=Q_V, use_dora=True),
-                     seed=3)
-    return d
+    return qv_runs(d)
 
 
 @pytest.fixture

@@ -73,18 +73,10 @@ def spawn(fn, *args, timeout: float = 90.0) -> None:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     """tiny Llama (2 layers): base, ft (full weights), lora and dora (PEFT) runs."""
-    from peft import LoraConfig
-
-    from builders import Q_V, ft_checkpoints, peft_checkpoints, save_full, tiny_llama
+    from builders import qv_runs
 
     d = tmp_path_factory.mktemp("dist") / "ck"
-    model = tiny_llama(layers=2)
-    save_full(model, d / "base")
-    ft_checkpoints(model, d / "ft", steps=(10, 20), scale=0.004)
-    peft_checkpoints(model, d / "lora", LoraConfig(r=4, lora_alpha=8, target_modules=Q_V))
-    peft_checkpoints(model, d / "dora", LoraConfig(r=4, lora_alpha=8, target_modules=Q_V, use_dora=True),
-                     seed=3)
-    return d
+    return qv_runs(d)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from wda.dora import DoRALinear, LoRALinear, lora_scaling
+from wda.names import matches
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -74,16 +75,6 @@ class AdapterSpec:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.magnitude_only and self.method != "dora":
             raise ValueError("magnitude_only targets need method='dora'")
-
-
-def matches(name: str, pattern: str) -> bool:
-    """The target rule: equal, dotted suffix, or regex full match."""
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
 
 
 def adapter_modules(model: nn.Module) -> dict[str, LoRALinear | DoRALinear]:

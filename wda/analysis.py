@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from wda.checkpoints import WEIGHT_SUFFIX, AdapterConfig, HandleCache
-from wda.decompose import AXES, BaseWeight, Measurement, NonFiniteWeights
+from wda.decompose import AXES, BaseWeight, NonFiniteWeights
 from wda.errors import WdaError
 from wda.layout import Layout, ModuleInfo, Run, discover
 from wda.prefetch import prefetched, stage

@@ -19,6 +19,7 @@ from pathlib import Path
 from wda.checkpoints import (ADAPTER_CONFIG, CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, METHOD_ORDER,
                              WEIGHT_SUFFIX, Checkpoint)
 from wda.errors import WdaError
+from wda.names import matches
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +81,6 @@ def parse_name(name: str) -> tuple[int, str, str]:
         if p.isdigit():
             return int(p), parts[-1], ".".join(parts[:i])
     return -1, parts[-1], ""
-
-
-def matches(name: str, pattern: str) -> bool:
-    """A pattern names a module by suffix (``q_proj`` matches ``...attn.q_proj``) or is a
-    regular expression matching the whole name (``layers\\.[0-3]\\..*q_proj``)."""
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
 
 
 def _steps_of(run_dir: Path) -> tuple[dict[int, Path], list[WdaError]]:
