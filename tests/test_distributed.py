@@ -57,7 +57,17 @@ def _entry(rank: int, fn, port: int, *args) -> None:
 
 
 def spawn(fn, *args, timeout: float = 90.0) -> None:
-    """Run ``fn`` on 2 ranks; a failure on any rank fails the test, a hang is killed."""
+    """Run ``fn`` on 2 ranks; a failure on any rank fails the test, a hang is killed. The free
+    port can be taken by another process between the probe and the bind: then try again."""
+    for attempt in range(3):
+        try:
+            return _spawn_once(fn, args, timeout)
+        except mp.ProcessRaisedException as exc:
+            if "Address already in use" not in str(exc) or attempt == 2:
+                raise
+
+
+def _spawn_once(fn, args: tuple, timeout: float) -> None:
     ctx = mp.start_processes(_entry, args=(fn, _free_port(), *args), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout

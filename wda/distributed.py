@@ -23,8 +23,6 @@ import datetime
 import logging
 import os
 import re
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,13 +275,12 @@ def _run_report(args, env: DistEnv) -> int:
     if args.dry_run:  # headers only: rank 0 alone
         return report._dry_run(args) if env.is_main else 0
     t_start = time.perf_counter()
-    out = Path(args.out) if args.out else Path("reports") / Path(args.ckpt_dir).resolve().name
+    out = report.out_dir(args)
     options, err = None, None
     try:
         options = report._options(args)
         if env.is_main:  # only rank 0 touches OUT, which may live on rank 0's machine only
-            report._clean_leftovers(out)
-            report._check_out(out, [Path(args.ckpt_dir)] + ([Path(args.base)] if args.base else []))
+            report.prepare_out(args, out)
     except Exception as exc:
         err = exc
     agree(err)
@@ -293,32 +290,13 @@ def _run_report(args, env: DistEnv) -> int:
     err = None
     if env.is_main:
         try:
-            _write(report, result, args, out, t_start)
+            report.write_report(result, args, out, t_start)
         except Exception as exc:
             err = exc
     agree(err)  # the other ranks exit with rank 0's status
     if env.is_main:
-        for _, reason in result.skipped:
-            print(f"wda: skipped {reason}", file=sys.stderr)
-        print(f"wda: {len(result.metrics)} rows from {len(result.layout.runs)} run(s) -> {out}/report.md "
-              f"({time.perf_counter() - t_start:.1f} s on {result.device})")
+        report.announce(result, out, t_start)
     return 0
-
-
-def _write(report, result, args, out: Path, t_start: float) -> None:
-    """Rank 0: the same temporary-folder-then-swap write as ``report.run``."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        report._render(result, args, tmp, t_start)
-        report._swap_into_place(tmp, out)
-    except OSError as exc:
-        raise WdaError(out, f"cannot write the report ({report._one_line(exc.strerror or str(exc))})",
-                       "check free space and permissions; an earlier report there is untouched") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- adapters under DDP / FSDP2 --------------------------------------------------------------

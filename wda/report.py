@@ -260,20 +260,18 @@ def _dry_run(args) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    from wda import distributed
-    from wda.analysis import run_analysis
+def out_dir(args: argparse.Namespace) -> Path:
+    return Path(args.out) if args.out else Path("reports") / Path(args.ckpt_dir).resolve().name
 
-    if distributed.launched():  # under torchrun: modules split over the ranks, rank 0 writes
-        return distributed.run_report(args)
-    if args.dry_run:
-        return _dry_run(args)
-    t_start = time.perf_counter()
-    out = Path(args.out) if args.out else Path("reports") / Path(args.ckpt_dir).resolve().name
-    options = _options(args)
+
+def prepare_out(args: argparse.Namespace, out: Path) -> None:
+    """Before the long part: recover from a killed run, refuse an --out we must not replace."""
     _clean_leftovers(out)
-    _check_out(out, [Path(args.ckpt_dir)] + ([Path(args.base)] if args.base else []))  # before the long part
-    result = run_analysis(args.ckpt_dir, options)
+    _check_out(out, [Path(args.ckpt_dir)] + ([Path(args.base)] if args.base else []))
+
+
+def write_report(result, args: argparse.Namespace, out: Path, t_start: float) -> None:
+    """Everything into a temporary folder, then swapped into place: all or nothing."""
     if result.metrics.empty:  # every checkpoint skipped while streaming: no picture, not an empty one
         first = f"first: {result.skipped[0][1]}" if result.skipped else ""
         raise WdaError(args.ckpt_dir, f"no valid checkpoint left to analyse ({len(result.skipped)} skipped "
@@ -290,10 +288,30 @@ def run(args: argparse.Namespace) -> int:
                        "check free space and permissions; an earlier report there is untouched") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for path, reason in result.skipped:
+
+
+def announce(result, out: Path, t_start: float) -> None:
+    for _, reason in result.skipped:
         print(f"wda: skipped {reason}", file=sys.stderr)
     print(f"wda: {len(result.metrics)} rows from {len(result.layout.runs)} run(s) -> {out}/report.md "
           f"({time.perf_counter() - t_start:.1f} s on {result.device})")
+
+
+def run(args: argparse.Namespace) -> int:
+    from wda import distributed
+    from wda.analysis import run_analysis
+
+    if distributed.launched():  # under torchrun: modules split over the ranks, rank 0 writes
+        return distributed.run_report(args)
+    if args.dry_run:
+        return _dry_run(args)
+    t_start = time.perf_counter()
+    out = out_dir(args)
+    options = _options(args)
+    prepare_out(args, out)
+    result = run_analysis(args.ckpt_dir, options)
+    write_report(result, args, out, t_start)
+    announce(result, out, t_start)
     return 0
 
 
