@@ -60,9 +60,10 @@ class TrainConfig:
     methods: tuple[str, ...] = METHODS
     seed: int = 0
     threads: int = 1  # two threads on a busy 2-core box were measured 12x slower than one
-    # model
-    n_layers: int = 4
-    d_model: int = 128
+    # model (8 x 96 rather than 4 x 128: twice the points per step for the cross-layer r at
+    # about the same cost; see notebooks/LEARNING_PATTERN.md)
+    n_layers: int = 8
+    d_model: int = 96
     n_heads: int = 4
     mlp_ratio: int = 4
     seq_len: int = 128
@@ -85,7 +86,7 @@ class TrainConfig:
     pretrain_weight_decay: float = 0.1
     pretrain_beta2: float = 0.95
     pretrain_grad_clip: float = 1.0
-    pretrain_seed: int | None = None  # None: same as seed
+    pretrain_seed: int | None = None  # None: same as seed; fix it to share one base across seeds
     # fine-tuning (all three methods)
     steps: int = 300
     batch_size: int = 16
@@ -548,7 +549,8 @@ HELP = {
     "corpus_seed": "file order of both corpora (fixed across training seeds)",
     "eval_windows": "validation windows per corpus for the logged eval losses",
     "pretrain_schedule": f"one of {SCHEDULES}", "schedule": f"one of {SCHEDULES}",
-    "pretrain_seed": "seed of the base (None: --seed)",
+    "pretrain_seed": "seed of the base (None: --seed; fix it, e.g. 0, to fine-tune several "
+                     "--seed values from one shared base)",
     "steps": "fine-tuning steps (each method)", "warmup": "linear warmup steps",
     "min_lr_ratio": "final lr / peak lr of the decaying schedules",
     "weight_decay": "AdamW decay on matrices (never on norms or DoRA magnitudes)",
@@ -583,10 +585,10 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(default, tuple):
             p.add_argument(flag, type=_csv, metavar="A,B", **kw)
-        elif f.name in ("pretrain_max_bytes", "downstream_max_bytes"):
+        elif f.name in ("pretrain_max_bytes", "downstream_max_bytes", "pretrain_seed"):
             p.add_argument(flag, type=_int_or_none, **kw)
-        elif f.name in ("pretrain_seed", "cache_dir"):
-            p.add_argument(flag, type=int if f.name == "pretrain_seed" else str, **kw)
+        elif f.name == "cache_dir":
+            p.add_argument(flag, type=str, **kw)
         else:
             p.add_argument(flag, type=type(default), **kw)
     return p
