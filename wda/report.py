@@ -93,7 +93,7 @@ def _versions() -> dict[str, str]:
 def _manifest(result, args, timings: dict[str, float], figures: list[str]) -> dict:
     lay = result.layout
     m = result.metrics
-    # checkpoints skipped while streaming are still in the layout's runs: list what was measured
+    # checkpoints skipped while streaming may still be in a layout merged across ranks
     skipped = {p for p, _ in result.skipped}
     runs = [(r, [s for s, p in r.steps.items() if str(p) not in skipped]) for r in lay.runs]
     return {
