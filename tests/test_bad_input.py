@@ -23,25 +23,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from builders import qv_runs
 from wda.errors import WdaError
 from wda.report import main
 
 Q0 = "model.layers.0.self_attn.q_proj"
 PEFT = "base_model.model."
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pristine")
-    return qv_runs(d)
-
-
-@pytest.fixture
-def ck(pristine, tmp_path) -> Path:
-    d = tmp_path / "ck"
-    shutil.copytree(pristine, d)
-    return d
 
 
 def cli(capsys, ckpt_dir: Path, *extra: str, out: Path | None = None) -> tuple[int, str, Path]:

@@ -22,26 +22,12 @@ from safetensors.torch import load_file, save_file
 import wda.fit
 import wda.markdown
 import wda.plot
-from builders import qv_runs
 from wda.errors import WdaError
 from wda.report import main
 
 Q0 = "model.layers.0.self_attn.q_proj"
 PEFT = "base_model.model."
 CSVS = ("metrics.csv", "fits.csv", "fits_per_step.csv")
-
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pristine")
-    return qv_runs(d)
-
-
-@pytest.fixture
-def ck(pristine, tmp_path) -> Path:
-    d = tmp_path / "ck"
-    shutil.copytree(pristine, d)
-    return d
 
 
 def cli(capsys, ckpt_dir: Path, out: Path, *extra: str) -> tuple[int, str, str]:
