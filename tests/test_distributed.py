@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import datetime
 import io
 import json
@@ -50,10 +51,9 @@ def _entry(rank: int, fn, port: int, *args) -> None:
     from wda import distributed
 
     env = distributed.init_distributed("gloo", "cpu", timeout=datetime.timedelta(seconds=60))
-    try:
-        fn(env, *args)
-    finally:
-        distributed.shutdown()
+    fn(env, *args)  # on failure the rank exits with the error and spawn() stops the other
+    gc.collect()  # DDP reducers and FSDP state go before the group they use
+    distributed.shutdown()
 
 
 def spawn(fn, *args, timeout: float = 90.0) -> None:

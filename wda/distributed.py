@@ -83,8 +83,12 @@ def init_distributed(backend: str | None = None, device: str | torch.device | No
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend(), device)
 
 
-def shutdown() -> None:
+def shutdown(sync: bool = True) -> None:
+    """Tear the process group down. ``sync``: wait for every rank first — destroying a gloo
+    group while another rank is still inside it can abort that rank (std::terminate)."""
     if dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 

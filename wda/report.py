@@ -98,7 +98,8 @@ def _manifest(result, args, timings: dict[str, float], figures: list[str]) -> di
     runs = [(r, [s for s, p in r.steps.items() if str(p) not in skipped]) for r in lay.runs]
     return {
         "command": "python -m wda.report " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
-        "ckpt_dir": str(lay.root.resolve()),
+        "ckpt_dir": str(lay.root),  # as given: report.md reads the same on every machine
+        "ckpt_dir_resolved": str(lay.root.resolve()),
         "base": str(lay.base.resolve()),
         "runs": [{"name": r.name, "method": r.method, "steps": steps,
                   "path": str(r.path.resolve())} for r, steps in runs if steps],
