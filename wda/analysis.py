@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -64,9 +64,6 @@ class AnalysisResult:
     seconds: float
     bytes_read: int
     skipped: list[tuple[str, str]] = field(default_factory=list)
-
-    def options_dict(self) -> dict:
-        return asdict(self.options)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -37,13 +37,6 @@ def magnitude(weight: torch.Tensor, axis: Axis = "out") -> torch.Tensor:
     return torch.linalg.vector_norm(weight, dim=reduce_dim(axis))
 
 
-def direction(weight: torch.Tensor, axis: Axis = "out") -> torch.Tensor:
-    """Eq. 2: V / ||V|| per vector. Zero vectors stay zero."""
-    dim = reduce_dim(axis)
-    norm = torch.linalg.vector_norm(weight, dim=dim, keepdim=True)
-    return weight / torch.where(norm > 0, norm, torch.ones_like(norm))
-
-
 @dataclass(frozen=True)
 class VectorChanges:
     """Per-vector changes of W_t against W_0 (one entry per magnitude vector)."""
@@ -138,13 +131,6 @@ def measure(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out",
     if w0.shape != wt.shape:
         raise ValueError(f"shape mismatch: base {tuple(w0.shape)} vs checkpoint {tuple(wt.shape)}")
     return BaseWeight(w0, axis=axis, dtype=dtype).measure(wt)
-
-
-def measure_many(w0: torch.Tensor, wts: list[torch.Tensor], axis: Axis = "out",
-                 dtype: torch.dtype = torch.float32) -> list[Measurement]:
-    """``measure`` for several checkpoints of one matrix (W_0 prepared once)."""
-    base = BaseWeight(w0, axis=axis, dtype=dtype)
-    return [base.measure(wt) for wt in wts]
 
 
 # ---- one W_0, many checkpoints: the streaming form ---------------------------------------

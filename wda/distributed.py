@@ -174,7 +174,7 @@ def merge_parts(parts: list[Part], layout, options, device: str):
     """
     import pandas as pd
 
-    from wda.analysis import AnalysisResult, _table  # the one sort of the tidy table
+    from wda.analysis import AnalysisResult, _drop_broken, _table  # as the single process does
 
     index = {m.name: i for i, m in enumerate(layout.modules)}
     already = {p for p, _ in layout.skipped}
@@ -194,7 +194,9 @@ def merge_parts(parts: list[Part], layout, options, device: str):
         df["_path"] = [valid.get((r, int(s))) for r, s in zip(df["run"], df["step"])]
         df = df[df["_path"].notna() & ~df["_path"].isin(list(broken))]
         rows = df.to_dict("records")
-    skipped = list(layout.skipped) + sorted((p, r) for p, (_, r) in broken.items())
+    reasons = {p: r for p, (_, r) in broken.items()}
+    _drop_broken(layout, reasons)  # the layout describes the table, as in run_analysis
+    skipped = list(layout.skipped) + sorted(reasons.items())
     return AnalysisResult(_table(rows), layout, device, options,
                           max(p.seconds for p in parts), sum(p.bytes_read for p in parts), skipped)
 

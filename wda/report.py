@@ -93,16 +93,13 @@ def _versions() -> dict[str, str]:
 def _manifest(result, args, timings: dict[str, float], figures: list[str]) -> dict:
     lay = result.layout
     m = result.metrics
-    # checkpoints skipped while streaming may still be in a layout merged across ranks
-    skipped = {p for p, _ in result.skipped}
-    runs = [(r, [s for s, p in r.steps.items() if str(p) not in skipped]) for r in lay.runs]
     return {
         "command": "python -m wda.report " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
         "ckpt_dir": str(lay.root),  # as given: report.md reads the same on every machine
         "ckpt_dir_resolved": str(lay.root.resolve()),
         "base": str(lay.base.resolve()),
-        "runs": [{"name": r.name, "method": r.method, "steps": steps,
-                  "path": str(r.path.resolve())} for r, steps in runs if steps],
+        "runs": [{"name": r.name, "method": r.method, "steps": list(r.steps),
+                  "path": str(r.path.resolve())} for r in lay.runs],
         "modules": [{"name": x.name, "layer": x.layer, "matrix": x.matrix, "out_features": x.out_features,
                      "in_features": x.in_features, "stored_transposed": x.transposed} for x in lay.modules],
         "axis": result.options.axis,
