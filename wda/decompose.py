@@ -15,6 +15,8 @@ from typing import Literal
 
 import torch
 
+from wda import kernels
+
 Axis = Literal["out", "in"]
 AXES: tuple[str, ...] = ("out", "in")
 
@@ -149,8 +151,10 @@ CUDA_BLOCK_ELEMENTS = 1 << 26
 class BaseWeight:
     """W_0 of one matrix, prepared once for every checkpoint measured against it.
 
-    ``measure(wt)`` gives ``measure(w0, wt)`` in one pass over ``wt``: blocks of rows are
-    converted to the compute dtype, differenced and reduced while they sit in cache. With
+    ``measure(wt)`` gives ``measure(w0, wt)`` in one pass over ``wt``: on a CPU the fused
+    kernel of ``wda.kernels`` when the rows are contiguous (the default axis of nn.Linear
+    weights); elsewhere blocks of rows are converted to the compute dtype, differenced and
+    reduced with torch ops while they sit in cache. With
     u = W_0^n, δ = W_t^n - u, a = u·δ/|u| (the change along u), |δ_⊥|² = |δ|² - a² (the
     change across u) and q = |u| + a, so that |v|² = q² + |δ_⊥|²:
 
@@ -183,14 +187,17 @@ class BaseWeight:
         # on a CPU, one L2-sized slice of a block per thread
         budget = CUDA_BLOCK_ELEMENTS if dev.type == "cuda" else CPU_BLOCK_ELEMENTS * torch.get_num_threads()
         self.block = max(1, min(rows, block_rows or budget // max(n, 1)))
-        self._d = torch.empty(self.block, n, dtype=dtype, device=dev)  # δ of one block
-        # W_0 rows converted to the compute dtype, one block at a time (then reused for u ⊙ δ)
-        self._u = torch.empty_like(self._d) if self.vecs.dtype != dtype else None
-        self._t = self._u if self._u is not None else torch.empty_like(self._d)  # u ⊙ δ
+        self._converts = self.vecs.dtype != dtype  # W_0 rows are converted block by block
+        self._bufs: tuple[torch.Tensor, ...] | None = None  # the torch path's block buffers
         self._gemm_buf: torch.Tensor | None = None
+        # CPU, float32/64 compute, contiguous rows: the fused kernels (one pass, no buffers)
+        self._kernels = dtype in (torch.float32, torch.float64) and kernels.supports(self.vecs)
         n0 = torch.empty(rows, dtype=dtype, device=dev)
-        for r0, r1, u in self._blocks():
-            torch.linalg.vector_norm(u, dim=1, out=n0[r0:r1])
+        if self._kernels:
+            kernels.row_norms(self.vecs, n0)
+        else:
+            for r0, r1, u in self._blocks():
+                torch.linalg.vector_norm(u, dim=1, out=n0[r0:r1])
         if not bool(torch.isfinite(n0).all()):
             raise NonFiniteWeights("non-finite values (NaN/Inf) in the base weight")
         self.n0 = n0  # |u| per vector
@@ -208,14 +215,10 @@ class BaseWeight:
         rows = self.vecs.shape[0]
         ud = torch.empty(rows, dtype=self.dtype, device=self.vecs.device)
         dd2 = torch.empty_like(ud)
-        for r0, r1, u in self._blocks():
-            d = self._d[: r1 - r0]
-            d.copy_(src[r0:r1])  # stored dtype -> compute dtype, in cache
-            d.sub_(u)  # δ = v - u
-            torch.linalg.vector_norm(d, dim=1, out=dd2[r0:r1])  # |δ|
-            # u·δ; u's block is not needed after this, so its buffer may take the product
-            torch.sum(torch.mul(u, d, out=self._t[: r1 - r0]), dim=1, out=ud[r0:r1])
-        dd2.square_()
+        if self._kernels and kernels.supports(src):
+            kernels.row_dots(self.vecs, src, ud, dd2)  # u·δ and |δ|², one fused pass
+        else:
+            self._sums(src, ud, dd2)
 
         def dense(idx: torch.Tensor) -> VectorChanges:
             u = self.vecs.index_select(0, idx).to(self.dtype)
@@ -243,7 +246,7 @@ class BaseWeight:
         cat = torch.cat(avs, 0)  # (Σr, n)
         rows, n = self.vecs.shape
         out = torch.empty(rows, cat.shape[0], dtype=self.dtype, device=self.vecs.device)
-        if self._u is None:
+        if not self._converts:
             torch.mm(self.vecs, cat.t(), out=out)  # (rows, n) @ (n, Σr)
         else:  # convert W_0 a block of rows at a time: no float32 copy of the whole matrix
             step = max(self.block, min(rows, (1 << 20) // max(n, 1)))
@@ -310,14 +313,37 @@ class BaseWeight:
         return summarize(VectorChanges(m0=self.n0, dm=m.abs() - self.n0, dd=dd, valid=valid))
 
     # -- internals --
+    def _sums(self, src: torch.Tensor, ud: torch.Tensor, dd2: torch.Tensor) -> None:
+        """u·δ and |δ|² with torch ops, a block of rows at a time while it sits in cache
+        (GPUs, strided checkpoints, dtypes the kernels do not read)."""
+        dbuf, t = self._buffers()[:2]
+        for r0, r1, u in self._blocks():
+            d = dbuf[: r1 - r0]
+            d.copy_(src[r0:r1])  # stored dtype -> compute dtype, in cache
+            d.sub_(u)  # δ = v - u
+            torch.linalg.vector_norm(d, dim=1, out=dd2[r0:r1])  # |δ|
+            # u·δ; u's block is not needed after this, so its buffer may take the product
+            torch.sum(torch.mul(u, d, out=t[: r1 - r0]), dim=1, out=ud[r0:r1])
+        dd2.square_()
+
+    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(δ of one block, u ⊙ δ of one block, W_0 rows converted to the compute dtype),
+        allocated on first use; the W_0 buffer doubles as the product's when it exists."""
+        if self._bufs is None:
+            d = torch.empty(self.block, self.vecs.shape[1], dtype=self.dtype, device=self.vecs.device)
+            u = torch.empty_like(d) if self._converts else None
+            self._bufs = (d, u if u is not None else torch.empty_like(d), u)
+        return self._bufs
+
     def _blocks(self):
         """(r0, r1, rows r0:r1 of W_0 in the compute dtype)."""
         rows = self.vecs.shape[0]
+        ubuf = self._buffers()[2]
         for r0 in range(0, rows, self.block):
             r1 = min(rows, r0 + self.block)
             u = self.vecs[r0:r1]
-            if self._u is not None:
-                u = self._u[: r1 - r0].copy_(u)
+            if ubuf is not None:
+                u = ubuf[: r1 - r0].copy_(u)
             yield r0, r1, u
 
     def _finish(self, ud: torch.Tensor, dd2: torch.Tensor, dense, ok: torch.Tensor | None = None

@@ -1,0 +1,116 @@
+"""The fused CPU kernels (wda/kernels.py) against torch's own dtype conversions and float64."""
+
+import math
+
+import pytest
+import torch
+
+from wda import kernels
+from wda.decompose import BaseWeight, vector_changes
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_16_bit_pattern_decodes_like_torch(dtype):
+    """All 65536 bit patterns, one per row: |x| from the kernel's own decoding (float64
+    output) equals torch's conversion exactly, NaN and Inf included."""
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).reshape(-1, 1)
+    out = torch.empty(x.shape[0], dtype=torch.float64)
+    kernels.row_norms(x, out)
+    ref = x.double().abs().reshape(-1)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    ok = ~torch.isnan(ref)
+    assert torch.equal(out[ok], ref[ok])
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("u_dtype,v_dtype", [
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float32),
+    (torch.float64, torch.float64), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+    (torch.float16, torch.float64)])
+def test_row_dots_match_float64(u_dtype, v_dtype, out_dtype):
+    g = torch.Generator().manual_seed(1)
+    u = (torch.randn(37, 1000, generator=g, dtype=torch.float64) * 0.02).to(u_dtype)
+    v = (u.double() + 1e-3 * torch.randn(37, 1000, generator=g, dtype=torch.float64) * 0.02).to(v_dtype)
+    ud, dd2 = torch.empty(37, dtype=out_dtype), torch.empty(37, dtype=out_dtype)
+    kernels.row_dots(u, v, ud, dd2)
+    # the reference converts each stored value to float64 the way torch does
+    u64, d64 = u.double(), v.double() - u.double()
+    if out_dtype == torch.float32:  # the kernel differences in float32: δ is then rounded
+        d64 = (v.to(torch.float32) - u.to(torch.float32)).double()
+    ref_ud, ref_dd = (u64 * d64).sum(1), (d64 * d64).sum(1)
+    scale = (u64.abs() * d64.abs()).sum(1)  # the size of the terms of u·δ
+    tol = 1e-6 if out_dtype == torch.float32 else 1e-13
+    assert ((ud.double() - ref_ud).abs() <= tol * scale).all()
+    assert ((dd2.double() - ref_dd).abs() <= tol * ref_dd).all()
+    n0 = torch.empty(37, dtype=out_dtype)
+    kernels.row_norms(u, n0)
+    assert torch.allclose(n0.double(), u64.norm(dim=1), rtol=tol, atol=0)
+
+
+def test_result_does_not_depend_on_the_number_of_threads():
+    g = torch.Generator().manual_seed(2)
+    u = torch.randn(512, 512, generator=g).bfloat16()
+    v = (u.float() + 0.01 * torch.randn(512, 512, generator=g)).bfloat16()
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            ud, dd2 = torch.empty(512), torch.empty(512)
+            kernels.row_dots(u, v, ud, dd2)
+            results.append((ud, dd2))
+    finally:
+        torch.set_num_threads(before)
+    for ud, dd2 in results[1:]:
+        assert torch.equal(ud, results[0][0]) and torch.equal(dd2, results[0][1])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_values_reach_the_sums(bad):
+    """fastmath is limited to reassociation: a NaN/Inf in a row must not be optimised away
+    (the caller's finiteness check is what names the broken file)."""
+    u = torch.ones(4, 300, dtype=torch.bfloat16)
+    v = u.clone()
+    v[2, 17] = bad
+    ud, dd2 = torch.empty(4), torch.empty(4)
+    kernels.row_dots(u, v, ud, dd2)
+    assert not math.isfinite(dd2[2].item())
+    assert torch.isfinite(dd2[[0, 1, 3]]).all() and torch.isfinite(ud[[0, 1, 3]]).all()
+
+
+def test_strided_rows_and_what_is_not_supported():
+    w = torch.randn(64, 200)
+    cols = w[:, 10:150]  # rows contiguous, stride between rows 200
+    ud, dd2 = torch.empty(64), torch.empty(64)
+    kernels.row_dots(cols, cols * 1.5, ud, dd2)
+    c64 = cols.double()
+    assert torch.allclose(ud.double(), (c64 * 0.5 * c64).sum(1), rtol=1e-6)
+    assert kernels.supports(cols) and not kernels.supports(w.t())  # columns: torch path
+    assert not kernels.supports(w.to(torch.float8_e4m3fn))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("theta", [1e-5, 1e-2, 1.0])
+def test_kernel_and_torch_paths_agree_with_float64(dtype, theta, monkeypatch):
+    """BaseWeight with and without the kernels: both within float32 reach of the float64
+    reference, on an analytic rotation of every row (ΔD = 1 - cos θ) plus a rescaling."""
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.randn(96, 160, generator=g, dtype=torch.float64).to(dtype).double()
+    other = torch.randn(96, 160, generator=g, dtype=torch.float64)
+    other -= (other * w0).sum(1, keepdim=True) / (w0 * w0).sum(1, keepdim=True) * w0  # ⊥ w0
+    other *= w0.norm(dim=1, keepdim=True) / other.norm(dim=1, keepdim=True)
+    scale = torch.linspace(0.9, 1.1, 96, dtype=torch.float64).unsqueeze(1)
+    wt = (scale * (math.cos(theta) * w0 + math.sin(theta) * other)).float()  # a float32 checkpoint
+    ref = vector_changes(w0, wt.double(), dtype=torch.float64)
+    out = {}
+    for path in ("kernels", "torch"):
+        monkeypatch.setenv("WDA_NO_KERNELS", "1" if path == "torch" else "0")
+        base = BaseWeight(w0.to(dtype), dtype=torch.float32)
+        assert base._kernels == (path == "kernels")
+        out[path] = base.changes(wt)
+    for ch in out.values():
+        assert torch.allclose(ch.dm.double(), ref.dm, rtol=1e-5, atol=1e-7 * ref.m0.max().item())
+        assert torch.allclose(ch.dd.double(), ref.dd, rtol=1e-4, atol=0)
