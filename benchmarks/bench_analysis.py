@@ -532,6 +532,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-naive", action="store_true", help="skip the naive peer")
     p.add_argument("--growth", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure 2x layers, 2x and 10x steps (smaller sets, warm cache)")
+    p.add_argument("--by-method", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure each run alone with the base (warm cache)")
     p.add_argument("--growth-layers", type=int, default=2)
     p.add_argument("--growth-steps", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny sizes, warm cache, 1 round: a smoke run")
@@ -586,6 +588,8 @@ def main(argv=None) -> None:
     out += ["", *print_table(res, floor_bytes, "Floor, wda and naive peer"), "", *ratio_lines(res), *check]
     if "cuda" in devices:
         out.append(f"  host-to-device bandwidth (pinned, 256 MB): {_h2d_bandwidth():.1f} GB/s")
+    if args.by_method:
+        out += [""] + by_method(args, main_dir, threads, devices)
     if args.growth:
         out += [""] + growth(args, data, threads[0], devices)
     out += ["", f"load average at the end: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)"]
@@ -621,6 +625,33 @@ def growth(args, data: Path, threads: int, devices: list[str]) -> list[str]:
                          f"{w['peak_rss'] / b['peak_rss']:.2f} | {w['peak_anon'] / 2**20:.0f} | "
                          f"{_ratio(w['peak_anon'], b['peak_anon'])} |")
     return lines
+
+
+def by_method(args, main_dir: Path, threads: list[int], devices: list[str]) -> list[str]:
+    """wda / floor for each run alone (base + that run): where the time goes."""
+    lines = [f"### By method (warm cache, {args.repeats} rounds; each set = base + one run)", "",
+             "| run | device | threads | floor s | wda s | wda / floor | wda CPU s |", "|---|---|---|---|---|---|---|"]
+    for run in ("ft", "lora", "dora"):
+        view = _runs_view(main_dir, run)
+        modes = [("floor", "cpu", 1)] + [("wda", dev, t) for dev in devices for t in threads]
+        r = summarize(measure_set(view, modes, ["warm"], args.repeats))
+        f = r[("warm", "floor", "cpu", 1)]
+        for dev in devices:
+            for t in threads:
+                w = r[("warm", "wda", dev, t)]
+                lines.append(f"| {run} | {dev} | {t} | {f['median']:.2f} | {w['median']:.2f} | "
+                             f"{w['median'] / f['median']:.2f} | {w['cpu']:.2f} |")
+    return lines
+
+
+def _runs_view(src: Path, run: str) -> Path:
+    """A directory with the base and one run of ``src`` (symlinks)."""
+    dst = src.parent / f"{src.name}-{run}"
+    dst.mkdir(exist_ok=True)
+    for name in ("base", run):
+        if not (dst / name).exists():
+            (dst / name).symlink_to(src / name)
+    return dst
 
 
 def _ratio(x: float, base: float) -> str:

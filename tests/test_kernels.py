@@ -35,7 +35,7 @@ def test_row_dots_match_float64(u_dtype, v_dtype, out_dtype):
     u = (torch.randn(37, 1000, generator=g, dtype=torch.float64) * 0.02).to(u_dtype)
     v = (u.double() + 1e-3 * torch.randn(37, 1000, generator=g, dtype=torch.float64) * 0.02).to(v_dtype)
     ud, dd2 = torch.empty(37, dtype=out_dtype), torch.empty(37, dtype=out_dtype)
-    kernels.row_dots(u, v, ud, dd2)
+    kernels.row_dots(u, [v], ud[None], dd2[None])
     # the reference converts each stored value to float64 the way torch does
     u64, d64 = u.double(), v.double() - u.double()
     if out_dtype == torch.float32:  # the kernel differences in float32: δ is then rounded
@@ -48,6 +48,9 @@ def test_row_dots_match_float64(u_dtype, v_dtype, out_dtype):
     n0 = torch.empty(37, dtype=out_dtype)
     kernels.row_norms(u, n0)
     assert torch.allclose(n0.double(), u64.norm(dim=1), rtol=tol, atol=0)
+    wide = torch.empty(u.shape, dtype=out_dtype)
+    kernels.widen(u, wide)
+    assert torch.equal(wide, u.to(out_dtype))
 
 
 def test_result_does_not_depend_on_the_number_of_threads():
@@ -60,7 +63,7 @@ def test_result_does_not_depend_on_the_number_of_threads():
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             ud, dd2 = torch.empty(512), torch.empty(512)
-            kernels.row_dots(u, v, ud, dd2)
+            kernels.row_dots(u, [v], ud[None], dd2[None])
             results.append((ud, dd2))
     finally:
         torch.set_num_threads(before)
@@ -76,7 +79,7 @@ def test_non_finite_values_reach_the_sums(bad):
     v = u.clone()
     v[2, 17] = bad
     ud, dd2 = torch.empty(4), torch.empty(4)
-    kernels.row_dots(u, v, ud, dd2)
+    kernels.row_dots(u, [v], ud[None], dd2[None])
     assert not math.isfinite(dd2[2].item())
     assert torch.isfinite(dd2[[0, 1, 3]]).all() and torch.isfinite(ud[[0, 1, 3]]).all()
 
@@ -85,7 +88,7 @@ def test_strided_rows_and_what_is_not_supported():
     w = torch.randn(64, 200)
     cols = w[:, 10:150]  # rows contiguous, stride between rows 200
     ud, dd2 = torch.empty(64), torch.empty(64)
-    kernels.row_dots(cols, cols * 1.5, ud, dd2)
+    kernels.row_dots(cols, [cols * 1.5], ud[None], dd2[None])
     c64 = cols.double()
     assert torch.allclose(ud.double(), (c64 * 0.5 * c64).sum(1), rtol=1e-6)
     assert kernels.supports(cols) and not kernels.supports(w.t())  # columns: torch path
@@ -114,3 +117,24 @@ def test_kernel_and_torch_paths_agree_with_float64(dtype, theta, monkeypatch):
     for ch in out.values():
         assert torch.allclose(ch.dm.double(), ref.dm, rtol=1e-5, atol=1e-7 * ref.m0.max().item())
         assert torch.allclose(ch.dd.double(), ref.dd, rtol=1e-4, atol=0)
+
+
+def test_several_checkpoints_in_one_pass_equal_one_at_a_time(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    w0 = torch.randn(300, 256, generator=g).bfloat16()
+    wts = [(w0.float() + 0.01 * (k + 1) * torch.randn(300, 256, generator=g)).bfloat16() for k in range(3)]
+    ud, dd2 = torch.empty(3, 300), torch.empty(3, 300)
+    kernels.row_dots(w0, wts, ud, dd2)
+    for k, wt in enumerate(wts):
+        one, two = torch.empty(1, 300), torch.empty(1, 300)
+        kernels.row_dots(w0, [wt], one, two)
+        assert torch.equal(one[0], ud[k]) and torch.equal(two[0], dd2[k])
+    base = BaseWeight(w0)
+    together = base.measure_many(wts)
+    assert together == [base.measure(wt) for wt in wts]
+    monkeypatch.setenv("WDA_NO_KERNELS", "1")
+    slow = BaseWeight(w0).measure_many(wts)
+    for a, b in zip(together, slow):
+        assert math.isclose(a.delta_m, b.delta_m, rel_tol=1e-5) and math.isclose(a.delta_d, b.delta_d, rel_tol=1e-4)
+    with pytest.raises(ValueError, match="one dtype"):
+        kernels.row_dots(w0, [wts[0], wts[1].float()], ud[:2], dd2[:2])

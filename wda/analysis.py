@@ -97,6 +97,7 @@ def _work_items(layout: Layout) -> Iterator[_Item]:
 
 
 _BATCH_RANK = 128  # adapters of one matrix projected together: up to this many columns
+_BATCH_FULL = 4  # full-weight checkpoints of one matrix measured in one pass over W_0
 
 
 @dataclass
@@ -188,8 +189,9 @@ class _Measurer:
         self.rows: list[dict] = []
         self.broken: dict[str, str] = {}  # checkpoint path -> reason (skip_broken)
         self.bytes_read = 0
-        self._pending: list[tuple[_Item, _Loaded]] = []
+        self._pending: list[tuple[_Item, _Loaded]] = []  # adapters of the current matrix
         self._rank = 0
+        self._full: list[tuple[_Item, _Loaded]] = []  # full-weight checkpoints of it
 
     def take(self, item: _Item, data: _Loaded | WdaError) -> None:
         if str(item.path) in self.broken:
@@ -197,20 +199,41 @@ class _Measurer:
         if isinstance(data, WdaError):
             return self._fail(item, data)
         self.bytes_read += data.nbytes
-        if data.adapter is not None:
+        if item.run is None:
+            self.flush()
+            self.base = None  # let the previous W_0 go first
+            self.base = _prepare_base(item, data, self.dev, self.dtype, self.options.axis)
+        elif data.adapter is not None:
+            self._flush_full()
             self._pending.append((item, data))
             self._rank += sum(v.shape[0] for k, v in data.tensors.items() if k == "a")
             if self._rank >= _BATCH_RANK:
-                self.flush()
-            return
-        self.flush()
-        if item.run is None:
-            self.base = None  # let the previous W_0 go first
-            self.base = _prepare_base(item, data, self.dev, self.dtype, self.options.axis)
-            return
-        self._record(item, data, lambda: self.base.measure(_canonical(_on_device(data, self.dev)["w"], item.module)))
+                self._flush_adapters()
+        else:
+            self._flush_adapters()
+            self._full.append((item, data))
+            if len(self._full) >= _BATCH_FULL:
+                self._flush_full()
 
     def flush(self) -> None:
+        """Measure what is gathered for the current matrix."""
+        self._flush_full()
+        self._flush_adapters()
+
+    def _flush_full(self) -> None:
+        """Full-weight checkpoints of the current matrix, measured in one pass over W_0."""
+        pending, self._full = [(it, d) for it, d in self._full if str(it.path) not in self.broken], []
+        if not pending:
+            return
+        ws = [_canonical(_on_device(d, self.dev)["w"], it.module) for it, d in pending]
+        try:
+            found = self.base.measure_many(ws)
+        except NonFiniteWeights:  # one of them is broken: one at a time, to name it
+            found = [None] * len(ws)
+        for (it, d), w, meas in zip(pending, ws, found):
+            self._record(it, d, (lambda m=meas: m) if meas is not None else (lambda w=w: self.base.measure(w)))
+
+    def _flush_adapters(self) -> None:
         """Measure the gathered adapters (Eq. 1, or Eq. 5 with a magnitude) of the current matrix."""
         pending, self._pending, self._rank = self._pending, [], 0
         pending = [(it, d) for it, d in pending if str(it.path) not in self.broken]

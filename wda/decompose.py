@@ -209,23 +209,35 @@ class BaseWeight:
         return summarize(self.changes(wt))
 
     def changes(self, wt: torch.Tensor) -> VectorChanges:
-        if tuple(wt.shape) != self.shape:
-            raise ValueError(f"shape mismatch: base {self.shape} vs checkpoint {tuple(wt.shape)}")
-        src = wt if self.dim == 1 else wt.t()
-        rows = self.vecs.shape[0]
-        ud = torch.empty(rows, dtype=self.dtype, device=self.vecs.device)
-        dd2 = torch.empty_like(ud)
-        if self._kernels and kernels.supports(src):
-            kernels.row_dots(self.vecs, src, ud, dd2)  # u·δ and |δ|², one fused pass
-        else:
-            self._sums(src, ud, dd2)
+        return self.changes_many([wt])[0]
 
+    def measure_many(self, wts: list[torch.Tensor]) -> list[Measurement]:
+        """``measure`` of several checkpoints of this matrix, W_0 read once for all of them
+        (CPU kernels; elsewhere one pass each)."""
+        return [summarize(ch) for ch in self.changes_many(wts)]
+
+    def changes_many(self, wts: list[torch.Tensor]) -> list[VectorChanges]:
+        for wt in wts:
+            if tuple(wt.shape) != self.shape:
+                raise ValueError(f"shape mismatch: base {self.shape} vs checkpoint {tuple(wt.shape)}")
+        srcs = [wt if self.dim == 1 else wt.t() for wt in wts]
+        rows = self.vecs.shape[0]
+        ud = torch.empty(len(srcs), rows, dtype=self.dtype, device=self.vecs.device)
+        dd2 = torch.empty_like(ud)
+        if self._kernels and kernels.supports(*srcs) and len({s.dtype for s in srcs}) == 1:
+            kernels.row_dots(self.vecs, srcs, ud, dd2)  # u·δ and |δ|², one fused pass
+        else:
+            for k, src in enumerate(srcs):
+                self._sums(src, ud[k], dd2[k])
+        return [self._finish(ud[k], dd2[k], self._dense(src)) for k, src in enumerate(srcs)]
+
+    def _dense(self, src: torch.Tensor):
+        """The residual form for the rows ``idx`` of a full-weight checkpoint."""
         def dense(idx: torch.Tensor) -> VectorChanges:
             u = self.vecs.index_select(0, idx).to(self.dtype)
             v = src.index_select(0, idx).to(self.dtype)
             return _changes(u, v, v - u, 1)
-
-        return self._finish(ud, dd2, dense)
+        return dense
 
     # -- adapters --
     def measure_lowrank(self, a: torch.Tensor, b: torch.Tensor, scaling: float,
@@ -254,7 +266,11 @@ class BaseWeight:
                 self._gemm_buf = torch.empty(step, n, dtype=self.dtype, device=self.vecs.device)
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                buf = self._gemm_buf[: r1 - r0].copy_(self.vecs[r0:r1])
+                buf = self._gemm_buf[: r1 - r0]
+                if self._kernels:
+                    kernels.widen(self.vecs[r0:r1], buf)
+                else:
+                    buf.copy_(self.vecs[r0:r1])
                 torch.mm(buf, cat.t(), out=out[r0:r1])
         cols = [av.shape[0] for av in avs]
         return list(torch.split(out, cols, dim=1))

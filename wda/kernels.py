@@ -10,15 +10,15 @@ sums carry no float32 rounding of their own.
 Stored dtypes read directly: float32, float64, bfloat16 and float16 (both decoded from their
 bits: numba has no 16-bit floats). Rows must be contiguous; callers fall back to torch for
 anything else (strided views, other dtypes, GPUs) -- ``supports`` says which. Rows are split
-over ``torch.get_num_threads()`` threads (the kernels release the GIL); every row is summed by
-one thread in a fixed order, so the result does not depend on the number of threads.
+over ``torch.get_num_threads()`` threads inside one call (numba's ``prange``: the GIL is taken
+once per matrix, not per thread); every row is summed by one thread in a fixed order, so the
+result does not depend on the number of threads.
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
-
+from typing import Sequence
 import numpy as np
 import torch
 
@@ -35,8 +35,6 @@ _CODES = {torch.bfloat16: np.uint16, torch.float16: np.int16,  # bit patterns (s
 # the caller's finiteness check is how a broken checkpoint is caught.
 _FASTMATH = {"reassoc", "contract", "nsz"}
 _MIN_PARALLEL = 1 << 16  # elements: below this, one thread (a thread hand-off costs ~50 us)
-_pool: ThreadPoolExecutor | None = None
-_pool_threads = 0
 
 
 def available() -> bool:
@@ -57,36 +55,50 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _split(rows: int, cols: int, fn) -> None:
-    """fn(r0, r1) over row ranges, one per thread."""
-    global _pool, _pool_threads
+def _chunks(rows: int, cols: int) -> int:
+    """How many threads a kernel call uses: torch's setting, fewer for small matrices."""
     threads = max(1, min(torch.get_num_threads(), rows, rows * cols // _MIN_PARALLEL))
-    if threads == 1:
-        fn(0, rows)
-        return
-    if _pool is None or _pool_threads != threads:
-        if _pool is not None:
-            _pool.shutdown()
-        _pool, _pool_threads = ThreadPoolExecutor(threads, thread_name_prefix="wda-kernel"), threads
-    bounds = np.linspace(0, rows, threads + 1).astype(int)
-    for f in [_pool.submit(fn, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]:
-        f.result()
+    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
+    if threads > 1:
+        numba.set_num_threads(threads)
+    return threads
 
 
-def row_dots(u: torch.Tensor, v: torch.Tensor, ud: torch.Tensor, dd2: torch.Tensor) -> None:
-    """ud[n] = u_n·(v_n - u_n), dd2[n] = |v_n - u_n|², computed and summed in the dtype of
-    ``ud``/``dd2`` (1-D float32 or float64) for rows of 2-D CPU tensors of the same shape
-    (``supports(u, v)`` must hold)."""
-    if u.shape != v.shape:
-        raise ValueError(f"shape mismatch: {tuple(u.shape)} vs {tuple(v.shape)}")
-    a, b, o1, o2 = _array(u), _array(v), ud.numpy(), dd2.numpy()
-    _split(*a.shape, lambda r0, r1: _row_dots(a, b, r0, r1, o1, o2))
+def row_dots(u: torch.Tensor, vs: Sequence[torch.Tensor], ud: torch.Tensor, dd2: torch.Tensor) -> None:
+    """For each checkpoint k: ud[k, n] = u_n·(v_kn - u_n), dd2[k, n] = |v_kn - u_n|², computed
+    and summed in the dtype of ``ud``/``dd2`` ((k, rows), float32 or float64). ``vs``: 2-D CPU
+    tensors of u's shape and one dtype (``supports`` must hold); each row of u is loaded once
+    for all of them."""
+    if any(v.shape != u.shape for v in vs) or len({v.dtype for v in vs}) > 1:
+        raise ValueError(f"row_dots takes checkpoints of one dtype and u's shape {tuple(u.shape)}")
+    a, bs, o1, o2 = _array(u), tuple(_array(v) for v in vs), ud.numpy(), dd2.numpy()
+    chunks = _chunks(*a.shape)
+    if chunks == 1:
+        _row_dots(a, bs, 0, a.shape[0], o1, o2)
+    else:
+        _row_dots_parallel(a, bs, o1, o2, chunks)
 
 
 def row_norms(u: torch.Tensor, out: torch.Tensor) -> None:
     """out[n] = |u_n| in the dtype of ``out`` (``supports(u)`` must hold)."""
     a, o = _array(u), out.numpy()
-    _split(*a.shape, lambda r0, r1: _row_norms(a, r0, r1, o))
+    chunks = _chunks(*a.shape)
+    if chunks == 1:
+        _row_norms(a, 0, a.shape[0], o)
+    else:
+        _row_norms_parallel(a, o, chunks)
+
+
+def widen(u: torch.Tensor, out: torch.Tensor) -> None:
+    """out[:] = u in the (float32/64) dtype of ``out``: rows of the same shape, exact."""
+    if u.shape != out.shape or not out.is_contiguous():
+        raise ValueError(f"cannot widen {tuple(u.shape)} into {tuple(out.shape)}")
+    a, o = _array(u), out.numpy()
+    chunks = _chunks(*a.shape)
+    if chunks == 1:
+        _widen_rows(a, 0, a.shape[0], o)
+    else:
+        _widen_rows_parallel(a, o, chunks)
 
 
 if numba is not None:
@@ -134,7 +146,7 @@ if numba is not None:
         return None
 
     @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
-    def _row_dots(u, v, r0, r1, ud, dd2):
+    def _row_dots(u, vs, r0, r1, ud, dd2):
         """Sums in the dtype of ``ud`` (float32: vectorised over 16 lanes, 256 terms per lane
         for a 4096 row; float64 for --dtype float64)."""
         cols = u.shape[1]
@@ -142,16 +154,17 @@ if numba is not None:
         fv = np.empty(cols, ud.dtype)
         zero = np.zeros(1, ud.dtype)[0]
         for i in range(r0, r1):
-            _widen(u[i], fu)
-            _widen(v[i], fv)
-            s1 = zero
-            s2 = zero
-            for j in range(cols):
-                d = fv[j] - fu[j]
-                s1 += fu[j] * d
-                s2 += d * d
-            ud[i] = s1
-            dd2[i] = s2
+            _widen(u[i], fu)  # stays in L1 for every checkpoint
+            for k in range(len(vs)):
+                _widen(vs[k][i], fv)
+                s1 = zero
+                s2 = zero
+                for j in range(cols):
+                    d = fv[j] - fu[j]
+                    s1 += fu[j] * d
+                    s2 += d * d
+                ud[k, i] = s1
+                dd2[k, i] = s2
 
     @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
     def _row_norms(u, r0, r1, out):
@@ -164,3 +177,26 @@ if numba is not None:
             for j in range(cols):
                 s += fu[j] * fu[j]
             out[i] = np.sqrt(s)
+
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def _row_dots_parallel(u, vs, ud, dd2, chunks):
+        rows = u.shape[0]
+        for c in numba.prange(chunks):  # one contiguous range of rows per thread
+            _row_dots(u, vs, rows * c // chunks, rows * (c + 1) // chunks, ud, dd2)
+
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def _row_norms_parallel(u, out, chunks):
+        rows = u.shape[0]
+        for c in numba.prange(chunks):
+            _row_norms(u, rows * c // chunks, rows * (c + 1) // chunks, out)
+
+    @numba.njit(nogil=True, cache=True)
+    def _widen_rows(u, r0, r1, out):
+        for i in range(r0, r1):
+            _widen(u[i], out[i])
+
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def _widen_rows_parallel(u, out, chunks):
+        rows = u.shape[0]
+        for c in numba.prange(chunks):
+            _widen_rows(u, rows * c // chunks, rows * (c + 1) // chunks, out)
