@@ -535,7 +535,7 @@ def main(argv=None) -> None:
     p.add_argument("--by-method", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure each run alone with the base (warm cache)")
     p.add_argument("--growth-layers", type=int, default=2)
-    p.add_argument("--growth-steps", type=int, default=2)
+    p.add_argument("--growth-steps", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="tiny sizes, warm cache, 1 round: a smoke run")
     p.add_argument("--_worker", choices=("floor", "wda", "naive"), help=argparse.SUPPRESS)
     p.add_argument("--_dir", help=argparse.SUPPRESS)
@@ -710,9 +710,12 @@ def _machine_line(threads: list[int], devices: list[str]) -> str:
                 break
     except OSError:
         pass
+    from wda import kernels
+
     gpu = f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else ", no GPU"
+    numba = f"numba {kernels.numba.__version__}" if kernels.available() else "no CPU kernels"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"machine: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB{gpu}; torch {torch.__version__}, "
+    return (f"machine: {cpu}, {os.cpu_count()} cores, {mem:.0f} GiB{gpu}; torch {torch.__version__}, {numba}, "
             f"python {platform.python_version()}; threads tried {threads}; OMP_WAIT_POLICY="
             f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}; load avg at start {os.getloadavg()[0]:.1f}")
 
