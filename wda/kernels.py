@@ -1,11 +1,12 @@
 """Fused CPU kernels for the hot loop of the analysis (numba): one pass over a checkpoint.
 
-``row_dots(u, v)`` gives, per row n, u_n·δ_n and |δ_n|² with δ = v - u: everything the
-closed form of ``BaseWeight`` needs from a full-weight checkpoint. The torch form of the same
-sums makes five passes over each block (convert, subtract, norm, multiply, sum); here every
-element is loaded once, widened to float64 in registers and summed in float64, so a
-4096 x 4096 bf16 checkpoint takes about a quarter of the time (benchmarks/README.md) and the
-sums carry no float32 rounding of their own.
+``row_dots(u, [v...])`` gives, per row n and checkpoint k, u_n·δ_kn and |δ_kn|² with
+δ_k = v_k - u: everything the closed form of ``BaseWeight`` needs from a full-weight
+checkpoint. The torch form of the same sums makes five passes over each block (convert,
+subtract, norm, multiply, sum); here each row of u is loaded once for up to a few checkpoints,
+every element is widened in registers to the compute dtype (float32 by default, float64 on
+request) and summed there (vectorised), so a 4096 x 4096 bf16 checkpoint takes about a third
+of the time (benchmarks/README.md).
 
 Stored dtypes read directly: float32, float64, bfloat16 and float16 (both decoded from their
 bits: numba has no 16-bit floats). Rows must be contiguous; callers fall back to torch for
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 from typing import Sequence
+
 import numpy as np
 import torch
 
