@@ -231,7 +231,7 @@ class _Measurer:
         except NonFiniteWeights:  # one of them is broken: one at a time, to name it
             found = [None] * len(ws)
         for (it, d), w, meas in zip(pending, ws, found):
-            self._record(it, d, (lambda m=meas: m) if meas is not None else (lambda w=w: self.base.measure(w)))
+            self._record(it, d, lambda m=meas, w=w: m if m is not None else self.base.measure(w))
 
     def _flush_adapters(self) -> None:
         """Measure the gathered adapters (Eq. 1, or Eq. 5 with a magnitude) of the current matrix."""

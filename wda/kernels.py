@@ -57,13 +57,17 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _chunks(rows: int, cols: int) -> int:
-    """How many threads a kernel call uses: torch's setting, fewer for small matrices."""
-    threads = max(1, min(torch.get_num_threads(), rows, rows * cols // _MIN_PARALLEL))
-    threads = min(threads, numba.config.NUMBA_NUM_THREADS)
-    if threads > 1:
-        numba.set_num_threads(threads)
-    return threads
+def _launch(serial, parallel, u: np.ndarray, *args) -> None:
+    """``serial(u, *args, r0, r1)`` over all rows of u, or ``parallel(u, *args, chunks)``: one
+    contiguous range of rows per thread (torch's thread setting, fewer for small matrices)."""
+    rows, cols = u.shape
+    chunks = max(1, min(torch.get_num_threads(), rows, rows * cols // _MIN_PARALLEL))
+    chunks = min(chunks, numba.config.NUMBA_NUM_THREADS)
+    if chunks == 1:
+        serial(u, *args, 0, rows)
+    else:
+        numba.set_num_threads(chunks)
+        parallel(u, *args, chunks)
 
 
 def row_dots(u: torch.Tensor, vs: Sequence[torch.Tensor], ud: torch.Tensor, dd2: torch.Tensor) -> None:
@@ -73,34 +77,19 @@ def row_dots(u: torch.Tensor, vs: Sequence[torch.Tensor], ud: torch.Tensor, dd2:
     for all of them."""
     if any(v.shape != u.shape for v in vs) or len({v.dtype for v in vs}) > 1:
         raise ValueError(f"row_dots takes checkpoints of one dtype and u's shape {tuple(u.shape)}")
-    a, bs, o1, o2 = _array(u), tuple(_array(v) for v in vs), ud.numpy(), dd2.numpy()
-    chunks = _chunks(*a.shape)
-    if chunks == 1:
-        _row_dots(a, bs, 0, a.shape[0], o1, o2)
-    else:
-        _row_dots_parallel(a, bs, o1, o2, chunks)
+    _launch(_row_dots, _row_dots_parallel, _array(u), tuple(_array(v) for v in vs), ud.numpy(), dd2.numpy())
 
 
 def row_norms(u: torch.Tensor, out: torch.Tensor) -> None:
     """out[n] = |u_n| in the dtype of ``out`` (``supports(u)`` must hold)."""
-    a, o = _array(u), out.numpy()
-    chunks = _chunks(*a.shape)
-    if chunks == 1:
-        _row_norms(a, 0, a.shape[0], o)
-    else:
-        _row_norms_parallel(a, o, chunks)
+    _launch(_row_norms, _row_norms_parallel, _array(u), out.numpy())
 
 
 def widen(u: torch.Tensor, out: torch.Tensor) -> None:
     """out[:] = u in the (float32/64) dtype of ``out``: rows of the same shape, exact."""
     if u.shape != out.shape or not out.is_contiguous():
         raise ValueError(f"cannot widen {tuple(u.shape)} into {tuple(out.shape)}")
-    a, o = _array(u), out.numpy()
-    chunks = _chunks(*a.shape)
-    if chunks == 1:
-        _widen_rows(a, 0, a.shape[0], o)
-    else:
-        _widen_rows_parallel(a, o, chunks)
+    _launch(_widen_rows, _widen_rows_parallel, _array(u), out.numpy())
 
 
 if numba is not None:
@@ -148,7 +137,7 @@ if numba is not None:
         return None
 
     @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
-    def _row_dots(u, vs, r0, r1, ud, dd2):
+    def _row_dots(u, vs, ud, dd2, r0, r1):
         """Sums in the dtype of ``ud`` (float32: vectorised over 16 lanes, 256 terms per lane
         for a 4096 row; float64 for --dtype float64)."""
         cols = u.shape[1]
@@ -169,7 +158,7 @@ if numba is not None:
                 dd2[k, i] = s2
 
     @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
-    def _row_norms(u, r0, r1, out):
+    def _row_norms(u, out, r0, r1):
         cols = u.shape[1]
         fu = np.empty(cols, out.dtype)
         zero = np.zeros(1, out.dtype)[0]
@@ -184,16 +173,16 @@ if numba is not None:
     def _row_dots_parallel(u, vs, ud, dd2, chunks):
         rows = u.shape[0]
         for c in numba.prange(chunks):  # one contiguous range of rows per thread
-            _row_dots(u, vs, rows * c // chunks, rows * (c + 1) // chunks, ud, dd2)
+            _row_dots(u, vs, ud, dd2, rows * c // chunks, rows * (c + 1) // chunks)
 
     @numba.njit(nogil=True, cache=True, parallel=True)
     def _row_norms_parallel(u, out, chunks):
         rows = u.shape[0]
         for c in numba.prange(chunks):
-            _row_norms(u, rows * c // chunks, rows * (c + 1) // chunks, out)
+            _row_norms(u, out, rows * c // chunks, rows * (c + 1) // chunks)
 
     @numba.njit(nogil=True, cache=True)
-    def _widen_rows(u, r0, r1, out):
+    def _widen_rows(u, out, r0, r1):
         for i in range(r0, r1):
             _widen(u[i], out[i])
 
@@ -201,4 +190,4 @@ if numba is not None:
     def _widen_rows_parallel(u, out, chunks):
         rows = u.shape[0]
         for c in numba.prange(chunks):
-            _widen_rows(u, rows * c // chunks, rows * (c + 1) // chunks, out)
+            _widen_rows(u, out, rows * c // chunks, rows * (c + 1) // chunks)
