@@ -138,3 +138,62 @@ def test_several_checkpoints_in_one_pass_equal_one_at_a_time(monkeypatch):
         assert math.isclose(a.delta_m, b.delta_m, rel_tol=1e-5) and math.isclose(a.delta_d, b.delta_d, rel_tol=1e-4)
     with pytest.raises(ValueError, match="one dtype"):
         kernels.row_dots(w0, [wts[0], wts[1].float()], ud[:2], dd2[:2])
+
+
+def test_lowrank_sums_match_float64():
+    """u·δ and |δ|² of δ = s·B·A from the factors, against float64; the cancellation flag is
+    raised exactly on rows whose |δ|² is a near-cancelling sum of its Gram terms."""
+    g = torch.Generator().manual_seed(5)
+    rows, r, n, s = 300, 6, 200, 0.7
+    av = torch.randn(r, n, generator=g, dtype=torch.float64)
+    av[5] = av[4] + 1e-5 * torch.randn(n, generator=g, dtype=torch.float64)  # nearly dependent
+    bv = 0.1 * torch.randn(rows, r, generator=g, dtype=torch.float64)
+    bv[40:, 5] = 0.0  # rows 40..: nearly orthogonal rows of A, no cancellation
+    bv[:40] = 0.0
+    bv[:40, 4], bv[:40, 5] = 1.0, -1.0  # rows 0..39: A_4 - A_5 cancels to ~1e-5 of its terms
+    u = torch.randn(rows, n, generator=g, dtype=torch.float64)
+    p = u @ av.t()
+    ud, dd2 = torch.empty(rows), torch.empty(rows)
+    ok = torch.empty(rows, dtype=torch.bool)
+    kernels.lowrank_sums(bv.float(), p.float(), (av @ av.t()).float(), s, 1e-2, ud, dd2, ok)
+    delta = s * bv @ av
+    ref_ud, ref_dd2 = (u * delta).sum(1), (delta * delta).sum(1)
+    assert not ok[:40].any() and ok[40:].all()
+    terms = s * (bv.abs() * p.abs()).sum(1)
+    assert ((ud.double() - ref_ud).abs() <= 1e-6 * terms).all()
+    assert torch.allclose(dd2.double()[40:], ref_dd2[40:], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_closed_form_matches_the_torch_form_and_float64(dtype):
+    """The per-vector closed form (dm, dd from u·δ, |δ|², |u|) against BaseWeight's torch
+    form, and both against the residual form in float64, on rows of every kind."""
+    gen = torch.Generator().manual_seed(6)
+    w0 = torch.randn(200, 64, generator=gen, dtype=torch.float64)
+    w0[7] = 0.0  # zero base row: not closed
+    wt = w0 + 0.03 * torch.randn(w0.shape, generator=gen, dtype=torch.float64)
+    wt[1] = 1.5 * w0[1]  # along u: not closed
+    perp = torch.randn(64, generator=gen, dtype=torch.float64)
+    perp -= (perp @ w0[2]) / (w0[2] @ w0[2]) * w0[2]
+    wt[2] = -0.2 * w0[2] + 2 * w0[2].norm() / perp.norm() * perp  # q < 0, yet δ not along u
+    wt[3] = w0[3]  # unchanged
+    d = wt - w0
+    ud, dd2 = (w0 * d).sum(1).to(dtype), (d * d).sum(1).to(dtype)
+    base = BaseWeight(w0.to(dtype), dtype=dtype)
+    dm, dd = torch.empty_like(ud), torch.empty_like(ud)
+    closed = torch.empty(200, dtype=torch.bool)
+    ok = torch.ones(200, dtype=torch.bool)
+    ok[10] = False
+    assert kernels.closed_form(ud, dd2, base.n0, ok, 0.5, dm, dd, closed)
+    finite, tdm, tdd, tclosed = base._closed_form(ud, dd2, ok)
+    assert finite and torch.equal(closed, tclosed)
+    assert not closed[[1, 7, 10]].any() and closed[[0, 2, 3]].all()
+    ref = vector_changes(w0, wt, dtype=torch.float64)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for got in ((dm, dd), (tdm, tdd)):
+        assert torch.allclose(got[0].double()[closed], ref.dm[closed], rtol=tol, atol=1e-12)
+        assert torch.allclose(got[1].double()[closed], ref.dd[closed], rtol=tol, atol=1e-12)
+    for bad in (math.nan, math.inf):
+        worse = dd2.clone()
+        worse[150] = bad
+        assert not kernels.closed_form(ud, worse, base.n0, None, 0.5, dm, dd, closed)

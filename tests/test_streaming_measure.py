@@ -6,10 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from wda import kernels
 from wda.decompose import BaseWeight, NonFiniteWeights, summarize, vector_changes
 from wda.dora import merge_dora, merge_lora
 
 OUT, IN, R = 37, 53, 4
+
+
+@pytest.fixture(autouse=True, params=["kernels", "torch"])
+def path(request, monkeypatch):
+    """Every test here runs twice: on the fused CPU kernels and on the torch form (GPUs,
+    strided rows, WDA_NO_KERNELS=1)."""
+    if request.param == "kernels" and not kernels.available():
+        pytest.skip("numba is not installed")
+    monkeypatch.setenv("WDA_NO_KERNELS", "0" if request.param == "kernels" else "1")
+    return request.param
 
 
 @pytest.fixture

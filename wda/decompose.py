@@ -261,7 +261,7 @@ class BaseWeight:
         if not self._converts:
             torch.mm(self.vecs, cat.t(), out=out)  # (rows, n) @ (n, Σr)
         else:  # convert W_0 a block of rows at a time: no float32 copy of the whole matrix
-            step = max(self.block, min(rows, (1 << 20) // max(n, 1)))
+            step = max(self.block, min(rows, (1 << 21) // max(n, 1)))
             if self._gemm_buf is None or self._gemm_buf.shape[0] < step:
                 self._gemm_buf = torch.empty(step, n, dtype=self.dtype, device=self.vecs.device)
             for r0 in range(0, rows, step):
@@ -288,11 +288,16 @@ class BaseWeight:
             return self.changes(v * _rescale(magnitude, torch.linalg.vector_norm(v, dim=1)).unsqueeze(1))
         bv, av = self._factors(a, b)  # δ (vector-major) = s · bv @ av
         p = projected if projected is not None else self.project([(a, b)])[0]  # (rows, r)
-        ud = scaling * (bv * p).sum(dim=1)  # u·δ
         g = av @ av.t()  # (r, r) Gram matrix
-        dd2 = (scaling * scaling) * ((bv @ g) * bv).sum(dim=1)  # |δ|²
-        bound = (scaling * scaling) * ((bv.abs() @ g.abs()) * bv.abs()).sum(dim=1)
-        gram_ok = dd2 >= _GRAM * bound
+        if self._kernels:  # the three row sums in one pass
+            ud, dd2 = torch.empty_like(self.n0), torch.empty_like(self.n0)
+            gram_ok = torch.empty(ud.shape, dtype=torch.bool)
+            kernels.lowrank_sums(bv.contiguous(), p.contiguous(), g, scaling, _GRAM, ud, dd2, gram_ok)
+        else:
+            ud = scaling * (bv * p).sum(dim=1)  # u·δ
+            dd2 = (scaling * scaling) * ((bv @ g) * bv).sum(dim=1)  # |δ|²
+            bound = (scaling * scaling) * ((bv.abs() @ g.abs()) * bv.abs()).sum(dim=1)
+            gram_ok = dd2 >= _GRAM * bound
 
         def dense(idx: torch.Tensor) -> VectorChanges:
             uu = self.vecs.index_select(0, idx).to(self.dtype)
@@ -365,8 +370,27 @@ class BaseWeight:
     def _finish(self, ud: torch.Tensor, dd2: torch.Tensor, dense, ok: torch.Tensor | None = None
                 ) -> VectorChanges:
         """Per-vector changes from u·δ and |δ|²; rows the closed form cannot take go to ``dense``."""
-        if not bool(torch.isfinite(ud).all() & torch.isfinite(dd2).all()):
+        if self._kernels:
+            dm, dd = torch.empty_like(ud), torch.empty_like(ud)
+            closed = torch.empty(ud.shape, dtype=torch.bool)
+            finite = kernels.closed_form(ud, dd2, self.n0, ok, _ALONG, dm, dd, closed)
+        else:
+            finite, dm, dd, closed = self._closed_form(ud, dd2, ok)
+        if not finite:
             raise NonFiniteWeights("non-finite values (NaN/Inf) in the checkpoint weight")
+        valid = closed.clone()
+        idx = torch.nonzero(~closed).squeeze(1)
+        step = 8 * self.block
+        for i in range(0, idx.numel(), step):  # residual form, a few blocks of rows at a time
+            j = idx[i:i + step]
+            ch = dense(j)
+            dm[j], dd[j], valid[j] = ch.dm, ch.dd, ch.valid
+        return VectorChanges(m0=self.n0, dm=dm, dd=torch.where(valid, dd, 0.0), valid=valid)
+
+    def _closed_form(self, ud: torch.Tensor, dd2: torch.Tensor, ok: torch.Tensor | None):
+        """(finite, dm, dd, closed): torch's form of ``kernels.closed_form`` (GPUs, strided rows)."""
+        if not bool(torch.isfinite(ud).all() & torch.isfinite(dd2).all()):
+            return False, None, None, None
         n0 = self.n0
         pos = n0 > 0
         a = ud / torch.where(pos, n0, 1.0)  # change along u
@@ -379,14 +403,7 @@ class BaseWeight:
         nt = torch.where(closed, nt, 1.0)
         dm = (2.0 * ud + dd2) / (n0 + nt)
         dd = torch.where(q > 0, perp / (nt * (nt + q.abs())), 1.0 - q / nt).clamp(0.0, 2.0)
-        valid = closed.clone()
-        idx = torch.nonzero(~closed).squeeze(1)
-        step = 8 * self.block
-        for i in range(0, idx.numel(), step):  # residual form, a few blocks of rows at a time
-            j = idx[i:i + step]
-            ch = dense(j)
-            dm[j], dd[j], valid[j] = ch.dm, ch.dd, ch.valid
-        return VectorChanges(m0=n0, dm=dm, dd=torch.where(valid, dd, 0.0), valid=valid)
+        return True, dm, dd, closed
 
 
 def _finite_magnitude(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

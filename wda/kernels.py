@@ -57,17 +57,17 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _launch(serial, parallel, u: np.ndarray, *args) -> None:
-    """``serial(u, *args, r0, r1)`` over all rows of u, or ``parallel(u, *args, chunks)``: one
-    contiguous range of rows per thread (torch's thread setting, fewer for small matrices)."""
-    rows, cols = u.shape
-    chunks = max(1, min(torch.get_num_threads(), rows, rows * cols // _MIN_PARALLEL))
+def _launch(serial, parallel, rows: int, work: int, *args) -> None:
+    """``serial(*args, r0, r1)`` over ``rows`` rows, or ``parallel(*args, chunks)``: one
+    contiguous range of rows per thread (torch's thread setting; fewer when ``work``, the
+    elements touched, is small)."""
+    chunks = max(1, min(torch.get_num_threads(), rows, work // _MIN_PARALLEL))
     chunks = min(chunks, numba.config.NUMBA_NUM_THREADS)
     if chunks == 1:
-        serial(u, *args, 0, rows)
+        serial(*args, 0, rows)
     else:
         numba.set_num_threads(chunks)
-        parallel(u, *args, chunks)
+        parallel(*args, chunks)
 
 
 def row_dots(u: torch.Tensor, vs: Sequence[torch.Tensor], ud: torch.Tensor, dd2: torch.Tensor) -> None:
@@ -77,19 +77,46 @@ def row_dots(u: torch.Tensor, vs: Sequence[torch.Tensor], ud: torch.Tensor, dd2:
     for all of them."""
     if any(v.shape != u.shape for v in vs) or len({v.dtype for v in vs}) > 1:
         raise ValueError(f"row_dots takes checkpoints of one dtype and u's shape {tuple(u.shape)}")
-    _launch(_row_dots, _row_dots_parallel, _array(u), tuple(_array(v) for v in vs), ud.numpy(), dd2.numpy())
+    _launch(_row_dots, _row_dots_parallel, u.shape[0], u.numel(), _array(u), tuple(_array(v) for v in vs),
+            ud.numpy(), dd2.numpy())
 
 
 def row_norms(u: torch.Tensor, out: torch.Tensor) -> None:
     """out[n] = |u_n| in the dtype of ``out`` (``supports(u)`` must hold)."""
-    _launch(_row_norms, _row_norms_parallel, _array(u), out.numpy())
+    _launch(_row_norms, _row_norms_parallel, u.shape[0], u.numel(), _array(u), out.numpy())
+
+
+def lowrank_sums(bv: torch.Tensor, p: torch.Tensor, g: torch.Tensor, scaling: float, cancel: float,
+                 ud: torch.Tensor, dd2: torch.Tensor, ok: torch.Tensor) -> None:
+    """The sums of one adapter, δ_n = s·bv_n·av per vector n, from its small factors: with
+    p = W_0 avᵀ (rows, r) and the Gram matrix g = av avᵀ (r, r), ud[n] = u_n·δ_n = s·bv_n·p_n,
+    dd2[n] = |δ_n|² = s²·bv_n g bv_nᵀ, and ok[n] = False where that sum cancels to less than
+    ``cancel`` times the sum of its absolute terms (the row is then recomputed densely).
+    All contiguous CPU tensors in the compute dtype, ``ok`` bool."""
+    rows, r = bv.shape
+    _launch(_lowrank_sums, _lowrank_sums_parallel, rows, rows * r * r, bv.numpy(), p.numpy(),
+            g.numpy(), scaling, cancel, ud.numpy(), dd2.numpy(), ok.numpy())
+
+
+def closed_form(ud: torch.Tensor, dd2: torch.Tensor, n0: torch.Tensor, ok: torch.Tensor | None,
+                along: float, dm: torch.Tensor, dd: torch.Tensor, closed: torch.Tensor) -> bool:
+    """Per vector, |v| - |u| and 1 - cos(u, v) from u·δ, |δ|² and |u| (the closed form of
+    ``BaseWeight``, formulas there): ``closed[n]`` False where it does not apply (|u| = 0,
+    δ mostly along u: (u·δ)² > along·|u|²|δ|², or ``ok[n]`` False); dm and dd are then 0.
+    Returns False when a sum is NaN or Inf (nothing else is then meaningful)."""
+    ok_ = ok.numpy() if ok is not None else np.ones(1, np.bool_)
+    flags = np.zeros(numba.config.NUMBA_NUM_THREADS, np.bool_)  # one per range of rows
+    rows = ud.shape[0]
+    _launch(_closed_form, _closed_form_parallel, rows, rows, ud.numpy(), dd2.numpy(), n0.numpy(),
+            ok_, ok is not None, along, dm.numpy(), dd.numpy(), closed.numpy(), flags)
+    return not flags.any()
 
 
 def widen(u: torch.Tensor, out: torch.Tensor) -> None:
     """out[:] = u in the (float32/64) dtype of ``out``: rows of the same shape, exact."""
     if u.shape != out.shape or not out.is_contiguous():
         raise ValueError(f"cannot widen {tuple(u.shape)} into {tuple(out.shape)}")
-    _launch(_widen_rows, _widen_rows_parallel, _array(u), out.numpy())
+    _launch(_widen_rows, _widen_rows_parallel, u.shape[0], u.numel(), _array(u), out.numpy())
 
 
 if numba is not None:
@@ -191,3 +218,62 @@ if numba is not None:
         rows = u.shape[0]
         for c in numba.prange(chunks):
             _widen_rows(u, out, rows * c // chunks, rows * (c + 1) // chunks)
+
+    @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
+    def _lowrank_sums(bv, p, g, scaling, cancel, ud, dd2, ok, r0, r1):
+        r = bv.shape[1]
+        zero = np.zeros(1, ud.dtype)[0]
+        for i in range(r0, r1):
+            s1 = zero  # bv_n·p_n
+            s2 = zero  # bv_n g bv_nᵀ
+            s3 = zero  # the same with absolute values: the size of its terms
+            for j in range(r):  # g is symmetric: row j of g is its column j (contiguous)
+                t = zero
+                ta = zero
+                for k in range(r):
+                    t += g[j, k] * bv[i, k]
+                    ta += abs(g[j, k]) * abs(bv[i, k])
+                s1 += bv[i, j] * p[i, j]
+                s2 += t * bv[i, j]
+                s3 += ta * abs(bv[i, j])
+            ud[i] = scaling * s1
+            dd2[i] = (scaling * scaling) * s2
+            ok[i] = s2 >= cancel * s3
+
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def _lowrank_sums_parallel(bv, p, g, scaling, cancel, ud, dd2, ok, chunks):
+        rows = bv.shape[0]
+        for c in numba.prange(chunks):
+            _lowrank_sums(bv, p, g, scaling, cancel, ud, dd2, ok,
+                          rows * c // chunks, rows * (c + 1) // chunks)
+
+    @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
+    def _closed_form(ud, dd2, n0, ok, use_ok, along, dm, dd, closed, flags, r0, r1):
+        zero = np.zeros(1, dm.dtype)[0]
+        two = zero + 2
+        for i in range(r0, r1):
+            x = ud[i]
+            y = dd2[i]
+            n = n0[i]
+            if not (np.isfinite(x) and np.isfinite(y)):
+                flags[0] = True
+            c = n > 0 and x * x <= along * (n * n) * y and (ok[i] or not use_ok)
+            closed[i] = c
+            if not c:  # recomputed by the caller
+                dm[i] = zero
+                dd[i] = zero
+                continue
+            a = x / n  # change along u
+            perp = max(y - a * a, zero)  # |δ_⊥|²
+            q = n + a
+            nt = np.sqrt(q * q + perp)  # |v|
+            dm[i] = (2 * x + y) / (n + nt)
+            e = perp / (nt * (nt + abs(q))) if q > 0 else 1 - q / nt
+            dd[i] = min(max(e, zero), two)
+
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def _closed_form_parallel(ud, dd2, n0, ok, use_ok, along, dm, dd, closed, flags, chunks):
+        rows = ud.shape[0]
+        for c in numba.prange(chunks):
+            _closed_form(ud, dd2, n0, ok, use_ok, along, dm, dd, closed, flags[c:c + 1],
+                         rows * c // chunks, rows * (c + 1) // chunks)
