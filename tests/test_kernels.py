@@ -53,22 +53,43 @@ def test_row_dots_match_float64(u_dtype, v_dtype, out_dtype):
     assert torch.equal(wide, u.to(out_dtype))
 
 
+@pytest.mark.parametrize("rows", [999, 1000])  # odd: the column kernel's last, unpaired row
+@pytest.mark.parametrize("u_dtype,v_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                             (torch.float32, torch.float32)])
+def test_col_dots_match_float64(rows, u_dtype, v_dtype):
+    """Vectors stored as columns (axis "in", Conv1D): the column kernels against float64."""
+    g = torch.Generator().manual_seed(7)
+    u = (torch.randn(rows, 37, generator=g, dtype=torch.float64) * 0.02).to(u_dtype)
+    v = (u.double() + 1e-3 * torch.randn(rows, 37, generator=g, dtype=torch.float64) * 0.02).to(v_dtype)
+    ud, dd2 = torch.empty(1, 37), torch.empty(1, 37)
+    kernels.col_dots(u, [v], ud, dd2)
+    u64, d64 = u.double(), (v.float() - u.float()).double()  # δ rounded to float32, as in the kernel
+    ref_ud, ref_dd = (u64 * d64).sum(0), (d64 * d64).sum(0)
+    scale = (u64.abs() * d64.abs()).sum(0)
+    assert ((ud[0].double() - ref_ud).abs() <= 1e-6 * scale).all()
+    assert torch.allclose(dd2[0].double(), ref_dd, rtol=1e-6, atol=0)
+    n0 = torch.empty(37)
+    kernels.col_norms(u, n0)
+    assert torch.allclose(n0.double(), u64.norm(dim=0), rtol=1e-6, atol=0)
+
+
 def test_result_does_not_depend_on_the_number_of_threads():
     g = torch.Generator().manual_seed(2)
     u = torch.randn(512, 512, generator=g).bfloat16()
     v = (u.float() + 0.01 * torch.randn(512, 512, generator=g)).bfloat16()
-    results = []
     before = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            ud, dd2 = torch.empty(512), torch.empty(512)
-            kernels.row_dots(u, [v], ud[None], dd2[None])
-            results.append((ud, dd2))
-    finally:
-        torch.set_num_threads(before)
-    for ud, dd2 in results[1:]:
-        assert torch.equal(ud, results[0][0]) and torch.equal(dd2, results[0][1])
+    for dots in (kernels.row_dots, kernels.col_dots):
+        results = []
+        try:
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                ud, dd2 = torch.empty(512), torch.empty(512)
+                dots(u, [v], ud[None], dd2[None])
+                results.append((ud, dd2))
+        finally:
+            torch.set_num_threads(before)
+        for ud, dd2 in results[1:]:
+            assert torch.equal(ud, results[0][0]) and torch.equal(dd2, results[0][1])
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -82,6 +103,9 @@ def test_non_finite_values_reach_the_sums(bad):
     kernels.row_dots(u, [v], ud[None], dd2[None])
     assert not math.isfinite(dd2[2].item())
     assert torch.isfinite(dd2[[0, 1, 3]]).all() and torch.isfinite(ud[[0, 1, 3]]).all()
+    ud, dd2 = torch.empty(300), torch.empty(300)
+    kernels.col_dots(u, [v], ud[None], dd2[None])
+    assert not math.isfinite(dd2[17].item()) and torch.isfinite(dd2[:17]).all()
 
 
 def test_strided_rows_and_what_is_not_supported():
@@ -95,11 +119,13 @@ def test_strided_rows_and_what_is_not_supported():
     assert not kernels.supports(w.to(torch.float8_e4m3fn))
 
 
+@pytest.mark.parametrize("axis", ["out", "in"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("theta", [1e-5, 1e-2, 1.0])
-def test_kernel_and_torch_paths_agree_with_float64(dtype, theta, monkeypatch):
-    """BaseWeight with and without the kernels: both within float32 reach of the float64
-    reference, on an analytic rotation of every row (ΔD = 1 - cos θ) plus a rescaling."""
+def test_kernel_and_torch_paths_agree_with_float64(dtype, theta, axis, monkeypatch):
+    """BaseWeight with and without the kernels (row kernels for axis "out", column kernels
+    for "in"): both within float32 reach of the float64 reference, on an analytic rotation of
+    every vector (ΔD = 1 - cos θ) plus a rescaling."""
     g = torch.Generator().manual_seed(3)
     w0 = torch.randn(96, 160, generator=g, dtype=torch.float64).to(dtype).double()
     other = torch.randn(96, 160, generator=g, dtype=torch.float64)
@@ -107,12 +133,13 @@ def test_kernel_and_torch_paths_agree_with_float64(dtype, theta, monkeypatch):
     other *= w0.norm(dim=1, keepdim=True) / other.norm(dim=1, keepdim=True)
     scale = torch.linspace(0.9, 1.1, 96, dtype=torch.float64).unsqueeze(1)
     wt = (scale * (math.cos(theta) * w0 + math.sin(theta) * other)).float()  # a float32 checkpoint
-    ref = vector_changes(w0, wt.double(), dtype=torch.float64)
+    w0, wt = (w0, wt) if axis == "out" else (w0.t().contiguous(), wt.t().contiguous())  # vectors: columns
+    ref = vector_changes(w0, wt.double(), axis=axis, dtype=torch.float64)
     out = {}
     for path in ("kernels", "torch"):
         monkeypatch.setenv("WDA_NO_KERNELS", "1" if path == "torch" else "0")
-        base = BaseWeight(w0.to(dtype), dtype=torch.float32)
-        assert base._kernels == (path == "kernels")
+        base = BaseWeight(w0.to(dtype), axis=axis, dtype=torch.float32)
+        assert (base._rows, base._cols) == (path == "kernels" and axis == "out", path == "kernels" and axis == "in")
         out[path] = base.changes(wt)
     for ch in out.values():
         assert torch.allclose(ch.dm.double(), ref.dm, rtol=1e-5, atol=1e-7 * ref.m0.max().item())

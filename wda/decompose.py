@@ -152,9 +152,10 @@ class BaseWeight:
     """W_0 of one matrix, prepared once for every checkpoint measured against it.
 
     ``measure(wt)`` gives ``measure(w0, wt)`` in one pass over ``wt``: on a CPU the fused
-    kernel of ``wda.kernels`` when the rows are contiguous (the default axis of nn.Linear
-    weights); elsewhere blocks of rows are converted to the compute dtype, differenced and
-    reduced with torch ops while they sit in cache. With
+    kernels of ``wda.kernels`` (row kernels when each vector is a stored row: axis "out" of
+    nn.Linear weights; column kernels when it is a stored column: axis "in", or GPT-2's
+    Conv1D layout); elsewhere (GPUs) blocks of rows are converted to the compute dtype,
+    differenced and reduced with torch ops while they sit in cache. With
     u = W_0^n, δ = W_t^n - u, a = u·δ/|u| (the change along u), |δ_⊥|² = |δ|² - a² (the
     change across u) and q = |u| + a, so that |v|² = q² + |δ_⊥|²:
 
@@ -167,9 +168,10 @@ class BaseWeight:
     ``vector_changes``. ``measure_lowrank`` does the same for LoRA/DoRA adapters from the
     factors, without forming an (out, in) matrix.
 
-    W_0 is kept vector-major (one row per magnitude vector: the (out, in) weight for axis
-    "out", its transpose for "in") in its stored dtype when the compute dtype holds it
-    exactly (bf16 -> float32): half the memory traffic of a float32 copy.
+    ``vecs`` is W_0 vector-major (one row per magnitude vector: the (out, in) weight for axis
+    "out", its transpose for "in"): contiguous, or for the column kernels a transposed view
+    of the stored matrix; in the stored dtype when the compute dtype holds it exactly
+    (bf16 -> float32): half the memory traffic of a float32 copy.
     """
 
     def __init__(self, w0: torch.Tensor, axis: Axis = "out", dtype: torch.dtype = torch.float32,
@@ -181,7 +183,14 @@ class BaseWeight:
         vecs = w0 if self.dim == 1 else w0.t()  # (out, in) or (in, out): one row per vector
         if torch.promote_types(vecs.dtype, dtype) != dtype:  # not exact in dtype: convert once
             vecs = vecs.to(dtype)
-        self.vecs = vecs.contiguous()
+        # CPU, float32/64 compute: the fused kernels. Vectors stored as rows take the row
+        # kernels; vectors stored as columns (axis "in" of a contiguous weight, GPT-2's Conv1D
+        # for axis "out") the column kernels, W_0 kept as stored; anything else torch's ops.
+        self._kernels = dtype in (torch.float32, torch.float64) and vecs.device.type == "cpu" \
+            and kernels.available()
+        self._cols = self._kernels and not kernels.supports(vecs) and kernels.supports(vecs.t())
+        self.vecs = vecs if self._cols else vecs.contiguous()
+        self._rows = self._kernels and kernels.supports(self.vecs)
         rows, n = self.vecs.shape
         dev = self.vecs.device
         # on a CPU, one L2-sized slice of a block per thread
@@ -190,11 +199,13 @@ class BaseWeight:
         self._converts = self.vecs.dtype != dtype  # W_0 rows are converted block by block
         self._bufs: tuple[torch.Tensor, ...] | None = None  # the torch path's block buffers
         self._gemm_buf: torch.Tensor | None = None
-        # CPU, float32/64 compute, contiguous rows: the fused kernels (one pass, no buffers)
-        self._kernels = dtype in (torch.float32, torch.float64) and kernels.supports(self.vecs)
+        self._w0_out: torch.Tensor | None = None  # see _base_out
+        self._merged: torch.Tensor | None = None
         n0 = torch.empty(rows, dtype=dtype, device=dev)
-        if self._kernels:
+        if self._rows:
             kernels.row_norms(self.vecs, n0)
+        elif self._cols:
+            kernels.col_norms(self.vecs.t(), n0)
         else:
             for r0, r1, u in self._blocks():
                 torch.linalg.vector_norm(u, dim=1, out=n0[r0:r1])
@@ -224,8 +235,11 @@ class BaseWeight:
         rows = self.vecs.shape[0]
         ud = torch.empty(len(srcs), rows, dtype=self.dtype, device=self.vecs.device)
         dd2 = torch.empty_like(ud)
-        if self._kernels and kernels.supports(*srcs) and len({s.dtype for s in srcs}) == 1:
+        one_dtype = len({s.dtype for s in srcs}) == 1
+        if self._rows and one_dtype and kernels.supports(*srcs):
             kernels.row_dots(self.vecs, srcs, ud, dd2)  # u·δ and |δ|², one fused pass
+        elif self._cols and one_dtype and kernels.supports(*(s.t() for s in srcs)):
+            kernels.col_dots(self.vecs.t(), [s.t() for s in srcs], ud, dd2)
         else:
             for k, src in enumerate(srcs):
                 self._sums(src, ud[k], dd2[k])
@@ -260,14 +274,21 @@ class BaseWeight:
         out = torch.empty(rows, cat.shape[0], dtype=self.dtype, device=self.vecs.device)
         if not self._converts:
             torch.mm(self.vecs, cat.t(), out=out)  # (rows, n) @ (n, Σr)
+        elif self._cols:  # W_0 as stored, (n, rows): its stored rows a block at a time, summed
+            stored = self.vecs.t()
+            step = max(1, min(n, (1 << 21) // max(rows, 1)))
+            out.zero_()
+            for c0 in range(0, n, step):
+                c1 = min(n, c0 + step)
+                buf = self._gemm_buffer(c1 - c0, rows)
+                kernels.widen(stored[c0:c1], buf)
+                out.addmm_(buf.t(), cat[:, c0:c1].t())
         else:  # convert W_0 a block of rows at a time: no float32 copy of the whole matrix
             step = max(self.block, min(rows, (1 << 21) // max(n, 1)))
-            if self._gemm_buf is None or self._gemm_buf.shape[0] < step:
-                self._gemm_buf = torch.empty(step, n, dtype=self.dtype, device=self.vecs.device)
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                buf = self._gemm_buf[: r1 - r0]
-                if self._kernels:
+                buf = self._gemm_buffer(r1 - r0, n)
+                if self._rows:
                     kernels.widen(self.vecs[r0:r1], buf)
                 else:
                     buf.copy_(self.vecs[r0:r1])
@@ -275,17 +296,30 @@ class BaseWeight:
         cols = [av.shape[0] for av in avs]
         return list(torch.split(out, cols, dim=1))
 
+    def _gemm_buffer(self, rows: int, cols: int) -> torch.Tensor:
+        """A (rows, cols) buffer in the compute dtype for blocks of W_0, reused across calls."""
+        if self._gemm_buf is None or self._gemm_buf.numel() < rows * cols:
+            self._gemm_buf = torch.empty(rows * cols, dtype=self.dtype, device=self.vecs.device)
+        return self._gemm_buf[: rows * cols].view(rows, cols)
+
+    def _base_out(self) -> torch.Tensor:
+        """W_0 as (out, in) in the compute dtype, kept once made: the dense forms of DoRA for
+        axis "in" (Eq. 5 rescales output rows: per input column that is no longer low rank)."""
+        if self._w0_out is None:
+            self._w0_out = self.vecs.t().to(self.dtype, memory_format=torch.contiguous_format)
+        return self._w0_out
+
     def changes_lowrank(self, a: torch.Tensor, b: torch.Tensor, scaling: float,
                         magnitude: torch.Tensor | None = None,
                         projected: torch.Tensor | None = None) -> VectorChanges:
         """A (r, in), B (out, r), m (out,): per vector, u·δ = s·B_n·(W_0 Aᵀ)_n and
         |δ|² = s²·B_n (A Aᵀ) B_nᵀ: O(out·in·r) flops, no (out, in) temporary."""
-        if magnitude is not None and self.dim == 0:
-            # Eq. 5 rescales output rows: per input column that is no longer low rank.
-            a, b = a.to(self.dtype), b.to(self.dtype)
-            w0 = self.vecs.t().to(self.dtype, memory_format=torch.contiguous_format)  # (out, in)
-            v = w0 + scaling * (b @ a)  # (out, in)
-            return self.changes(v * _rescale(magnitude, torch.linalg.vector_norm(v, dim=1)).unsqueeze(1))
+        if magnitude is not None and self.dim == 0:  # merged densely (see _base_out)
+            w0 = self._base_out()
+            if self._merged is None:  # one (out, in) buffer for every checkpoint of this W_0
+                self._merged = torch.empty_like(w0)
+            v = torch.addmm(w0, b.to(self.dtype), a.to(self.dtype), alpha=scaling, out=self._merged)
+            return self.changes(v.mul_(_rescale(magnitude, torch.linalg.vector_norm(v, dim=1)).unsqueeze(1)))
         bv, av = self._factors(a, b)  # δ (vector-major) = s · bv @ av
         p = projected if projected is not None else self.project([(a, b)])[0]  # (rows, r)
         g = av @ av.t()  # (r, r) Gram matrix
@@ -327,7 +361,7 @@ class BaseWeight:
         """DoRA with a magnitude only (paper Table 6): W' = m · W_0 / ||W_0||, per output row."""
         m = _finite_magnitude(magnitude, self.dtype)
         if self.dim == 0:
-            w0 = self.vecs.t().to(self.dtype, memory_format=torch.contiguous_format)  # (out, in)
+            w0 = self._base_out()
             return self.measure(w0 * _rescale(m, torch.linalg.vector_norm(w0, dim=1)).unsqueeze(1))
         valid = (self.n0 > 0) & (m != 0)
         dd = torch.where(valid & (m < 0), 2.0, 0.0).to(self.dtype)

@@ -8,12 +8,17 @@ every element is widened in registers to the compute dtype (float32 by default, 
 request) and summed there (vectorised), so a 4096 x 4096 bf16 checkpoint takes about a third
 of the time (benchmarks/README.md).
 
+``col_dots`` and ``col_norms`` do the same for vectors stored as columns (axis "in", GPT-2's
+Conv1D layout), reading rows in order. ``lowrank_sums`` gives the same two sums for a LoRA/DoRA
+update from its factors, and ``closed_form`` turns the sums into |v| - |u| and 1 - cos per
+vector: the per-checkpoint tail of the analysis in one call each instead of ~25 small torch ops.
+
 Stored dtypes read directly: float32, float64, bfloat16 and float16 (both decoded from their
 bits: numba has no 16-bit floats). Rows must be contiguous; callers fall back to torch for
-anything else (strided views, other dtypes, GPUs) -- ``supports`` says which. Rows are split
-over ``torch.get_num_threads()`` threads inside one call (numba's ``prange``: the GIL is taken
-once per matrix, not per thread); every row is summed by one thread in a fixed order, so the
-result does not depend on the number of threads.
+anything else (other strides or dtypes, GPUs) -- ``supports`` says which. Rows (columns for
+the column kernels) are split over ``torch.get_num_threads()`` threads inside one call
+(numba's ``prange``: the GIL is taken once per matrix, not per thread); every vector is summed
+by one thread in a fixed order, so the result does not depend on the number of threads.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ _CODES = {torch.bfloat16: np.uint16, torch.float16: np.int16,  # bit patterns (s
 # the caller's finiteness check is how a broken checkpoint is caught.
 _FASTMATH = {"reassoc", "contract", "nsz"}
 _MIN_PARALLEL = 1 << 16  # elements: below this, one thread (a thread hand-off costs ~50 us)
+_TILE = 256  # columns summed together by the column kernels (their float64 sums stay in L1)
 
 
 def available() -> bool:
@@ -79,6 +85,22 @@ def row_dots(u: torch.Tensor, vs: Sequence[torch.Tensor], ud: torch.Tensor, dd2:
         raise ValueError(f"row_dots takes checkpoints of one dtype and u's shape {tuple(u.shape)}")
     _launch(_row_dots, _row_dots_parallel, u.shape[0], u.numel(), _array(u), tuple(_array(v) for v in vs),
             ud.numpy(), dd2.numpy())
+
+
+def col_dots(u: torch.Tensor, vs: Sequence[torch.Tensor], ud: torch.Tensor, dd2: torch.Tensor) -> None:
+    """``row_dots`` for vectors stored as the COLUMNS of u and of each v (axis "in", GPT-2's
+    Conv1D layout): ud[k, j] = u_:j·(v_k:j - u_:j), dd2[k, j] = |v_k:j - u_:j|². Rows are read
+    in order (contiguous), each thread owning a range of columns; the sums over rows are
+    carried in float64, then stored in the dtype of ``ud``/``dd2``."""
+    if any(v.shape != u.shape for v in vs) or len({v.dtype for v in vs}) > 1:
+        raise ValueError(f"col_dots takes checkpoints of one dtype and u's shape {tuple(u.shape)}")
+    _launch(_col_dots, _col_dots_parallel, u.shape[1], u.numel(), _array(u), tuple(_array(v) for v in vs),
+            ud.numpy(), dd2.numpy())
+
+
+def col_norms(u: torch.Tensor, out: torch.Tensor) -> None:
+    """out[j] = |u_:j| (column norms, sums in float64) in the dtype of ``out``."""
+    _launch(_col_norms, _col_norms_parallel, u.shape[1], u.numel(), _array(u), out.numpy())
 
 
 def row_norms(u: torch.Tensor, out: torch.Tensor) -> None:
@@ -277,3 +299,66 @@ if numba is not None:
         for c in numba.prange(chunks):
             _closed_form(ud, dd2, n0, ok, use_ok, along, dm, dd, closed, flags[c:c + 1],
                          rows * c // chunks, rows * (c + 1) // chunks)
+
+    @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
+    def _col_dots(u, vs, ud, dd2, c0, c1):
+        """Columns c0:c1: two rows at a time are widened (as in ``_row_dots``: δ in the dtype
+        of ``ud``), their products summed in registers and added to per-column float64 sums."""
+        w = c1 - c0
+        nv = len(vs)
+        s1 = np.zeros((nv, w))
+        s2 = np.zeros((nv, w))
+        fu = np.empty(w, ud.dtype)
+        fv = np.empty(w, ud.dtype)
+        gu = np.empty(w, ud.dtype)
+        gv = np.empty(w, ud.dtype)
+        rows = u.shape[0]
+        for i in range(0, rows - 1, 2):
+            _widen(u[i, c0:c1], fu)
+            _widen(u[i + 1, c0:c1], gu)
+            for k in range(nv):
+                _widen(vs[k][i, c0:c1], fv)
+                _widen(vs[k][i + 1, c0:c1], gv)
+                a1 = s1[k]
+                a2 = s2[k]
+                for j in range(w):
+                    d = fv[j] - fu[j]
+                    e = gv[j] - gu[j]
+                    a1[j] += fu[j] * d + gu[j] * e
+                    a2[j] += d * d + e * e
+        if rows % 2:
+            _widen(u[rows - 1, c0:c1], fu)
+            for k in range(nv):
+                _widen(vs[k][rows - 1, c0:c1], fv)
+                for j in range(w):
+                    d = fv[j] - fu[j]
+                    s1[k, j] += fu[j] * d
+                    s2[k, j] += d * d
+        for k in range(nv):
+            for j in range(w):
+                ud[k, c0 + j] = s1[k, j]
+                dd2[k, c0 + j] = s2[k, j]
+
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def _col_dots_parallel(u, vs, ud, dd2, chunks):
+        cols = u.shape[1]
+        for c in numba.prange(chunks):  # one contiguous range of columns per thread
+            _col_dots(u, vs, ud, dd2, cols * c // chunks, cols * (c + 1) // chunks)
+
+    @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
+    def _col_norms(u, out, c0, c1):
+        w = c1 - c0
+        s = np.zeros(w)
+        fu = np.empty(w, out.dtype)
+        for i in range(u.shape[0]):
+            _widen(u[i, c0:c1], fu)
+            for j in range(w):
+                s[j] += fu[j] * fu[j]
+        for j in range(w):
+            out[c0 + j] = np.sqrt(s[j])
+
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def _col_norms_parallel(u, out, chunks):
+        cols = u.shape[1]
+        for c in numba.prange(chunks):
+            _col_norms(u, out, cols * c // chunks, cols * (c + 1) // chunks)
