@@ -199,3 +199,13 @@ def test_projecting_several_adapters_at_once(gen, axis):
     for (a, b), p in zip(adapters, projected):
         close(base.measure_lowrank(a, b, 0.5, projected=p), base.measure_lowrank(a, b, 0.5), rel=1e-6)
         close(base.measure_lowrank(a, b, 0.5, projected=p), ref64(w0.float(), merge_lora(w0.double(), a.double(), b.double(), 0.5), axis))
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_lowrank_on_a_bf16_base_projected_in_blocks(gen, axis):
+    """A bf16 W_0 is converted a block at a time for the projection W_0 Aᵀ (2 blocks here,
+    along the rows or, for axis "in", along the stored rows summed into one product)."""
+    w0 = torch.randn(1100, 2048, generator=gen).bfloat16()
+    a, b = torch.randn(8, 2048, generator=gen), 0.01 * torch.randn(1100, 8, generator=gen)
+    got = BaseWeight(w0, axis=axis).measure_lowrank(a, b, 2.0)
+    close(got, ref64(w0, merge_lora(w0.double(), a.double(), b.double(), 2.0), axis))
