@@ -226,7 +226,7 @@ class MemSampler:
                 "peak_file": self.peak["RssFile"] - self.base["RssFile"]}
 
 
-def worker_floor(root: Path, layers: int | None, device: str, out_csv: str | None = None) -> dict:
+def worker_floor(root: Path, layers: int | None, device: str, out_csv: str | None = None, axis: str = "out") -> dict:
     """Read exactly the analysed byte ranges into one reused buffer (to the device if CUDA)."""
     import torch
 
@@ -276,11 +276,12 @@ def worker_floor(root: Path, layers: int | None, device: str, out_csv: str | Non
     return {"seconds": secs, "bytes": nbytes, **mem.report()}
 
 
-def worker_wda(root: Path, layers: int | None, device: str, out_csv: str | None) -> dict:
+def worker_wda(root: Path, layers: int | None, device: str, out_csv: str | None, axis: str = "out") -> dict:
     import tqdm.auto  # noqa: F401  (imported by the analysis; not part of its memory)
     from wda.analysis import AnalysisOptions, run_analysis
 
-    opts = AnalysisOptions(modules=tuple(_module_filter(layers) or ()) or None, device=device, progress=False)
+    opts = AnalysisOptions(modules=tuple(_module_filter(layers) or ()) or None, device=device, axis=axis,
+                           progress=False)
     with MemSampler() as mem:
         t0 = time.perf_counter()
         res = run_analysis(root, opts)
@@ -293,7 +294,7 @@ def worker_wda(root: Path, layers: int | None, device: str, out_csv: str | None)
     return {"seconds": secs, "bytes": res.bytes_read, "rows": len(res.metrics), **mem.report()}
 
 
-def worker_naive(root: Path, layers: int | None, device: str, out_csv: str | None) -> dict:
+def worker_naive(root: Path, layers: int | None, device: str, out_csv: str | None, axis: str = "out") -> dict:
     """What one writes without thinking about memory or passes: whole state dicts, plain torch."""
     import torch
     import torch.nn.functional as F
@@ -345,11 +346,11 @@ def _worker_main(args: argparse.Namespace) -> None:
     fn = {"floor": worker_floor, "wda": worker_wda, "naive": worker_naive}[args.worker]
     # Warm-up on one layer: lazy imports, library code pages, allocator pools. Otherwise the
     # first run pays them and its "peak memory" counts libtorch pages touched for the first time.
-    fn(root, 1, args.device, None)
+    fn(root, 1, args.device, None, args.axis)
     if args.cache == "cold":
         evict(root)  # what the warm-up read must come from the disk again
     _reset_peak_rss()
-    res = fn(root, args.layers_filter, args.device, args.csv)
+    res = fn(root, args.layers_filter, args.device, args.csv, args.axis)
     res["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -364,19 +365,19 @@ def _reset_peak_rss() -> None:
 
 
 def run_worker(kind: str, root: Path, device: str, threads: int, cache: str,
-               layers: int | None = None, csv: str | None = None, env: dict | None = None) -> dict:
+               layers: int | None = None, csv: str | None = None, axis: str = "out") -> dict:
     if cache == "cold":
         evict(root)
     elif cache == "warm":
         warm(root)
     cmd = [sys.executable, str(HERE), "--_worker", kind, "--_dir", str(root), "--device", device,
-           "--threads", str(threads), "--_cache", cache]
+           "--threads", str(threads), "--_cache", cache, "--_axis", axis]
     if layers is not None:
         cmd += ["--_layers", str(layers)]
     if csv:
         cmd += ["--_csv", csv]
     load0 = os.getloadavg()[0]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"worker {kind} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -392,7 +393,7 @@ def _med(xs: list[float]) -> float:
 
 def measure_set(root: Path, modes: list[tuple[str, str, int]], caches: list[str], repeats: int,
                 layers: int | None = None, naive_repeats: int | None = None, csv_dir: str | None = None,
-                log=print) -> dict:
+                axis: str = "out", log=print) -> dict:
     """Interleaved rounds: every (cache, mode) once per round, in a rotating order. The naive
     peer (20x slower) runs in the first ``naive_repeats`` rounds only. With ``csv_dir``, the
     first wda and naive runs also write their tables there (for ``cross_check``)."""
@@ -407,7 +408,7 @@ def measure_set(root: Path, modes: list[tuple[str, str, int]], caches: list[str]
             csv = None
             if csv_dir and kind in ("wda", "naive") and key not in results:
                 csv = os.path.join(csv_dir, f"{kind}-{dev}-{cache}-{threads}.csv")
-            res = run_worker(kind, root, dev, threads, cache, layers, csv=csv)
+            res = run_worker(kind, root, dev, threads, cache, layers, csv=csv, axis=axis)
             results.setdefault(key, []).append(res)
             log(f"#   round {r + 1}/{repeats} {cache:4s} {kind:5s} {dev:4s} t={threads}: "
                 f"{res['seconds']:7.2f} s wall {res['cpu']:7.2f} s CPU, peak RSS "
@@ -542,6 +543,7 @@ def main(argv=None) -> None:
     p.add_argument("--_layers", dest="layers_filter", type=int, help=argparse.SUPPRESS)
     p.add_argument("--_csv", dest="csv", help=argparse.SUPPRESS)
     p.add_argument("--_cache", default="none", help=argparse.SUPPRESS)
+    p.add_argument("--_axis", dest="axis", default="out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._worker:
         args.worker, args.dir, args.cache = args._worker, args._dir, args._cache
@@ -628,18 +630,20 @@ def growth(args, data: Path, threads: int, devices: list[str]) -> list[str]:
 
 
 def by_method(args, main_dir: Path, threads: list[int], devices: list[str]) -> list[str]:
-    """wda / floor for each run alone (base + that run): where the time goes."""
+    """wda / floor for each run alone (base + that run): where the time goes. The FT run is
+    also measured with ``--axis in`` (one magnitude per input column: the column kernels)."""
     lines = [f"### By method (warm cache, {args.repeats} rounds; each set = base + one run)", "",
-             "| run | device | threads | floor s | wda s | wda / floor | wda CPU s |", "|---|---|---|---|---|---|---|"]
-    for run in ("ft", "lora", "dora"):
+             "| run | axis | device | threads | floor s | wda s | wda / floor | wda CPU s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run, axis in (("ft", "out"), ("ft", "in"), ("lora", "out"), ("dora", "out")):
         view = _runs_view(main_dir, run)
         modes = [("floor", "cpu", 1)] + [("wda", dev, t) for dev in devices for t in threads]
-        r = summarize(measure_set(view, modes, ["warm"], args.repeats))
+        r = summarize(measure_set(view, modes, ["warm"], args.repeats, axis=axis))
         f = r[("warm", "floor", "cpu", 1)]
         for dev in devices:
             for t in threads:
                 w = r[("warm", "wda", dev, t)]
-                lines.append(f"| {run} | {dev} | {t} | {f['median']:.2f} | {w['median']:.2f} | "
+                lines.append(f"| {run} | {axis} | {dev} | {t} | {f['median']:.2f} | {w['median']:.2f} | "
                              f"{w['median'] / f['median']:.2f} | {w['cpu']:.2f} |")
     return lines
 

@@ -422,7 +422,7 @@ class BaseWeight:
         return VectorChanges(m0=self.n0, dm=dm, dd=torch.where(valid, dd, 0.0), valid=valid)
 
     def _closed_form(self, ud: torch.Tensor, dd2: torch.Tensor, ok: torch.Tensor | None):
-        """(finite, dm, dd, closed): torch's form of ``kernels.closed_form`` (GPUs, strided rows)."""
+        """(finite, dm, dd, closed): torch's form of ``kernels.closed_form`` (GPUs; no numba)."""
         if not bool(torch.isfinite(ud).all() & torch.isfinite(dd2).all()):
             return False, None, None, None
         n0 = self.n0
