@@ -76,13 +76,17 @@ def _launch(serial, parallel, rows: int, work: int, *args) -> None:
         parallel(*args, chunks)
 
 
+def _check_alike(name: str, u: torch.Tensor, vs: Sequence[torch.Tensor]) -> None:
+    if any(v.shape != u.shape for v in vs) or len({v.dtype for v in vs}) > 1:
+        raise ValueError(f"{name} takes checkpoints of one dtype and u's shape {tuple(u.shape)}")
+
+
 def row_dots(u: torch.Tensor, vs: Sequence[torch.Tensor], ud: torch.Tensor, dd2: torch.Tensor) -> None:
     """For each checkpoint k: ud[k, n] = u_n·(v_kn - u_n), dd2[k, n] = |v_kn - u_n|², computed
     and summed in the dtype of ``ud``/``dd2`` ((k, rows), float32 or float64). ``vs``: 2-D CPU
     tensors of u's shape and one dtype (``supports`` must hold); each row of u is loaded once
     for all of them."""
-    if any(v.shape != u.shape for v in vs) or len({v.dtype for v in vs}) > 1:
-        raise ValueError(f"row_dots takes checkpoints of one dtype and u's shape {tuple(u.shape)}")
+    _check_alike("row_dots", u, vs)
     _launch(_row_dots, _row_dots_parallel, u.shape[0], u.numel(), _array(u), tuple(_array(v) for v in vs),
             ud.numpy(), dd2.numpy())
 
@@ -92,8 +96,7 @@ def col_dots(u: torch.Tensor, vs: Sequence[torch.Tensor], ud: torch.Tensor, dd2:
     Conv1D layout): ud[k, j] = u_:j·(v_k:j - u_:j), dd2[k, j] = |v_k:j - u_:j|². Rows are read
     in order (contiguous), each thread owning a range of columns; the sums over rows are
     carried in float64, then stored in the dtype of ``ud``/``dd2``."""
-    if any(v.shape != u.shape for v in vs) or len({v.dtype for v in vs}) > 1:
-        raise ValueError(f"col_dots takes checkpoints of one dtype and u's shape {tuple(u.shape)}")
+    _check_alike("col_dots", u, vs)
     _launch(_col_dots, _col_dots_parallel, u.shape[1], u.numel(), _array(u), tuple(_array(v) for v in vs),
             ud.numpy(), dd2.numpy())
 
