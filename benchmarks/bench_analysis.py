@@ -227,7 +227,8 @@ class MemSampler:
 
 
 def worker_floor(root: Path, layers: int | None, device: str, out_csv: str | None = None, axis: str = "out") -> dict:
-    """Read exactly the analysed byte ranges into one reused buffer (to the device if CUDA)."""
+    """Read exactly the analysed byte ranges into one reused buffer (to the device if CUDA).
+    The bytes are the same for either ``axis``."""
     import torch
 
     todo = analysed_tensors(root, layers)
@@ -299,6 +300,9 @@ def worker_naive(root: Path, layers: int | None, device: str, out_csv: str | Non
     import torch
     import torch.nn.functional as F
     from safetensors.torch import load_file
+
+    if axis != "out":
+        raise SystemExit("the naive peer measures axis 'out' only")
 
     mods = set(module_names(layers)) if layers is not None else None
     rows = []

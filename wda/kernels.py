@@ -42,7 +42,6 @@ _CODES = {torch.bfloat16: np.uint16, torch.float16: np.int16,  # bit patterns (s
 # the caller's finiteness check is how a broken checkpoint is caught.
 _FASTMATH = {"reassoc", "contract", "nsz"}
 _MIN_PARALLEL = 1 << 16  # elements: below this, one thread (a thread hand-off costs ~50 us)
-_TILE = 256  # columns summed together by the column kernels (their float64 sums stay in L1)
 
 
 def available() -> bool:
@@ -282,7 +281,7 @@ if numba is not None:
             n = n0[i]
             if not (np.isfinite(x) and np.isfinite(y)):
                 flags[0] = True
-            c = n > 0 and x * x <= along * (n * n) * y and (ok[i] or not use_ok)
+            c = n > 0 and x * x <= along * (n * n) * y and (not use_ok or ok[i])  # ok: 1 entry if unused
             closed[i] = c
             if not c:  # recomputed by the caller
                 dm[i] = zero
