@@ -14,6 +14,16 @@ import torch
 Q_V = ["q_proj", "v_proj"]
 
 
+def plain_reference(w0: torch.Tensor, wt: torch.Tensor) -> tuple[float, float, int]:
+    """Eqs. 3-4 written out in float64, zero-norm rows left out (the textbook form):
+    (ΔM, ΔD, rows excluded)."""
+    a, b = w0.double(), wt.double()
+    n0, nt = a.norm(dim=1), b.norm(dim=1)
+    keep = (n0 > 0) & (nt > 0)
+    cos = (a[keep] * b[keep]).sum(1) / (n0[keep] * nt[keep])
+    return float((nt[keep] - n0[keep]).abs().mean()), float((1 - cos).mean()), int((~keep).sum())
+
+
 def tiny_llama(seed: int = 0, layers: int = 3):
     """LlamaForCausalLM: q_proj (48, 48), non-square v_proj (12, 48) (one kv head of 12)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -16,6 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from builders import plain_reference
 from wda.decompose import BaseWeight, NonFiniteWeights, measure, vector_changes
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
@@ -192,15 +193,6 @@ def test_non_finite_values_raise_never_vanish(wp, bad, in_base, pos):
         measure(w0, wt)
 
 
-def _plain_reference(w0: torch.Tensor, wt: torch.Tensor) -> tuple[float, float, int]:
-    """Eqs. 3-4 written out in float64, zero-norm rows left out (the textbook form)."""
-    a, b = w0.double(), wt.double()
-    n0, nt = a.norm(dim=1), b.norm(dim=1)
-    keep = (n0 > 0) & (nt > 0)
-    cos = (a[keep] * b[keep]).sum(1) / (n0[keep] * nt[keep])
-    return float((nt[keep] - n0[keep]).abs().mean()), float((1 - cos).mean()), int((~keep).sum())
-
-
 @st.composite
 def adapter(draw):
     """(W_0, A, B, s, magnitude or None): a LoRA or DoRA update of a random base."""
@@ -232,7 +224,7 @@ def test_adapters_measured_from_factors_match_the_merged_weight(ad):
     w0, a, b, s, mag = ad
     merged = _merged(w0, a, b, s, mag)
     assume(bool(((merged.norm(dim=1) > 1e-6) | (merged.norm(dim=1) == 0)).all()))
-    dm, dd, excluded = _plain_reference(w0, merged)
+    dm, dd, excluded = plain_reference(w0, merged)
     m = BaseWeight(w0, dtype=torch.float64).measure_lowrank(a, b, s, mag)
     assert m.n_excluded == excluded
     if excluded == w0.shape[0]:

@@ -24,6 +24,7 @@ import wda.markdown
 import wda.plot
 from wda.errors import WdaError
 from wda.report import main
+from builders import plain_reference
 
 Q0 = "model.layers.0.self_attn.q_proj"
 PEFT = "base_model.model."
@@ -308,14 +309,6 @@ def test_read_error_in_the_prefetch_thread_is_skipped_and_listed(ck, capsys, fla
 
 
 # ---- numerics that could mislead -----------------------------------------------------------
-def _reference_excluding_zero_rows(w0: torch.Tensor, wt: torch.Tensor) -> tuple[float, float, int]:
-    a, b = w0.double(), wt.double()
-    n0, nt = a.norm(dim=1), b.norm(dim=1)
-    keep = (n0 > 0) & (nt > 0)
-    cos = (a[keep] * b[keep]).sum(1) / (n0[keep] * nt[keep])
-    return float((nt[keep] - n0[keep]).abs().mean()), float((1 - cos).mean()), int((~keep).sum())
-
-
 def test_zero_norm_vectors_are_excluded_counted_and_reported_per_module(ck, capsys):
     """4 zero rows in the base q_proj of layer 0 (like Llama o_proj rows), 2 more pruned to
     zero in ft step 20: excluded from both means, counted per row, listed per module."""
@@ -333,7 +326,7 @@ def test_zero_norm_vectors_are_excluded_counted_and_reported_per_module(ck, caps
     w0 = load_file(ck / "base" / "model.safetensors")[Q0 + ".weight"]
     for step in (10, 20):
         wt = load_file(ck / "ft" / f"checkpoint-{step}" / "model.safetensors")[Q0 + ".weight"]
-        dm, dd, excluded = _reference_excluding_zero_rows(w0, wt)
+        dm, dd, excluded = plain_reference(w0, wt)
         row = m[(m.run == "ft") & (m.step == step) & (m.module == Q0)].iloc[0]
         assert row.n_excluded == excluded == (4 if step == 10 else 6)
         assert row.delta_m == pytest.approx(dm, rel=1e-4) and row.delta_d == pytest.approx(dd, rel=1e-4)
