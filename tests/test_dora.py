@@ -264,7 +264,10 @@ def test_merge_equals_forward_and_unmerge_restores(kind):
     with torch.no_grad():
         y = layer(x)
         expected_w = layer.merged_weight()
+        layer.unmerge()  # not merged: nothing to undo
+        torch.testing.assert_close(base.weight, w0, rtol=0, atol=0)
         layer.merge()
+        layer.merge()  # merged already: folds nothing twice
         assert layer.merged
         torch.testing.assert_close(base.weight, expected_w)
         torch.testing.assert_close(layer(x), y)  # merged weight == forward

@@ -236,6 +236,21 @@ class _AdapterLinear(nn.Module):
         cdt = compute_dtype(self.base_layer.weight.dtype)
         return lora_delta(self.lora_A.weight.to(cdt), self.lora_B.weight.to(cdt), self.scaling)
 
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into ``base_layer.weight`` (``_fold``); the forward is then the
+        base layer alone. A second call does nothing."""
+        if not self.merged:
+            self._fold(self.base_layer.weight)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge`` (``_unfold``, float tolerance). Does nothing when not merged."""
+        if self.merged:
+            self._unfold(self.base_layer.weight)
+            self.merged = False
+
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
 
@@ -257,23 +272,13 @@ class LoRALinear(_AdapterLinear):
         w = self.base_layer.weight
         return w.to(compute_dtype(w.dtype)) + self.delta_weight()
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold s·B·A into ``base_layer.weight``; the forward is then the base layer alone."""
-        if self.merged:
-            return
-        w = self.base_layer.weight
+    def _fold(self, w: torch.Tensor) -> None:
+        """W_0 -> W_0 + s·B·A in place."""
         w.copy_(self.merged_weight().to(w.dtype))
-        self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo ``merge``: W_0 = W' - s·B·A (float tolerance)."""
-        if not self.merged:
-            return
-        w = self.base_layer.weight
+    def _unfold(self, w: torch.Tensor) -> None:
+        """W' -> W' - s·B·A in place."""
         w.copy_((w.to(compute_dtype(w.dtype)) - self.delta_weight()).to(w.dtype))
-        self.merged = False
 
 
 class DoRALinear(_AdapterLinear):
@@ -364,12 +369,8 @@ class DoRALinear(_AdapterLinear):
         v, c = self._direction_and_scale()
         return v * c.reshape(-1, 1)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Write W' into ``base_layer.weight``; its row norms then equal ``m``."""
-        if self.merged:
-            return
-        w = self.base_layer.weight
+    def _fold(self, w: torch.Tensor) -> None:
+        """W_0 -> W' in place; its row norms then equal ``m``."""
         v, c = self._direction_and_scale()
         # c is what unmerge divides by; rows with c = 0 (m = 0 or V'_i = 0) cannot be
         # recovered by division, so keep their W_0 rows (normally none).
@@ -377,14 +378,9 @@ class DoRALinear(_AdapterLinear):
         lost = (c == 0).nonzero().flatten()
         self._merge_lost = (lost, w[lost].clone()) if lost.numel() else None
         w.copy_((v * c.reshape(-1, 1)).to(w.dtype))
-        self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo ``merge``: W_0 = W' / c - s·B·A (float tolerance)."""
-        if not self.merged:
-            return
-        w = self.base_layer.weight
+    def _unfold(self, w: torch.Tensor) -> None:
+        """W' -> W_0 = W' / c - s·B·A in place."""
         c = self._merge_scale
         w0 = w.to(c.dtype) / torch.where(c == 0, torch.ones_like(c), c).reshape(-1, 1)
         if not self.magnitude_only:
@@ -394,7 +390,6 @@ class DoRALinear(_AdapterLinear):
             rows, values = self._merge_lost
             w[rows] = values
         self._merge_scale, self._merge_lost = None, None
-        self.merged = False
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", detach_norm={self.detach_norm}, "
