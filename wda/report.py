@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fan-in-fan-out", choices=("auto", "yes", "no"), default="auto",
                    help="weights stored (in, out) as GPT-2 Conv1D; auto: from adapter configs and "
                         "config.json")
+    p.add_argument("--trackers", action="store_true",
+                   help="render the rows wda.Tracker wrote during training (CKPT_DIR/<run>/tracker/) "
+                        "instead of measuring checkpoints; automatic when CKPT_DIR is a tracker's folder")
     p.add_argument("--skip-broken", action="store_true",
                    help="skip broken checkpoints (listed in the report) instead of stopping")
     p.add_argument("--dry-run", action="store_true",
@@ -117,7 +120,7 @@ def _manifest(result, args, timings: dict[str, float], figures: list[str]) -> di
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
         "figures": figures,
         "versions": _versions(),
-    }
+    } | ({"source": result.source} if getattr(result, "source", None) else {})
 
 
 def _render(result, args, out_tmp: Path, t_start: float) -> None:
@@ -295,19 +298,35 @@ def announce(result, out: Path, t_start: float) -> None:
           f"({time.perf_counter() - t_start:.1f} s on {result.device})")
 
 
+def _dry_run_tracked(result) -> int:
+    """What a tracker report would hold (the rows are already measured)."""
+    for run in result.layout.runs:
+        print(f"  {run.name:<16} {run.method:<5} steps {len(run.steps)} ({min(run.steps)}-{max(run.steps)}), "
+              f"from {run.path}")
+    for m in result.layout.modules:
+        print(f"  {m.name}  (out={m.out_features}, in={m.in_features})")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    from wda import distributed
+    from wda import distributed, tracked
     from wda.analysis import run_analysis
 
+    from_tracker = args.trackers or tracked.holds_tracker(args.ckpt_dir)
     if distributed.launched():  # under torchrun: modules split over the ranks, rank 0 writes
-        return distributed.run_report(args)
-    if args.dry_run:
+        if not from_tracker:
+            return distributed.run_report(args)
+        if os.environ.get("RANK", "0") != "0":  # tracker rows: nothing to share, rank 0 renders
+            return 0
+    if args.dry_run and not from_tracker:
         return _dry_run(args)
     t_start = time.perf_counter()
     out = out_dir(args)
     options = _options(args)
+    if args.dry_run:
+        return _dry_run_tracked(tracked.load(args.ckpt_dir, options))
     prepare_out(args, out)
-    result = run_analysis(args.ckpt_dir, options)
+    result = tracked.load(args.ckpt_dir, options) if from_tracker else run_analysis(args.ckpt_dir, options)
     write_report(result, args, out, t_start)
     announce(result, out, t_start)
     return 0
