@@ -433,3 +433,28 @@ def test_report_reads_whole_steps_of_an_interrupted_run_and_refuses_broken_files
     path.write_bytes(whole.splitlines(keepends=True)[0])
     rc, _, err = _report(capsys, tmp_path / "t", "--out", tmp_path / "rep4")
     assert rc == 2 and "recorded no step yet" in err
+
+
+# ---- wda.train tracks its runs ---------------------------------------------------------------
+def test_wda_train_tracks_its_runs_between_the_checkpoints(tmp_path):
+    """The embedded runs: dense rows in <run>/tracker/ that, at the checkpoint steps, are the
+    report's rows on the checkpoints; every other file is what an untracked run writes."""
+    from test_train import safetensors_files, tiny
+
+    from wda import train as T
+
+    cfg = tiny(tmp_path, track_every=2)
+    out = T.train_all(cfg)
+    ref = wda.analyze(out, device="cpu", progress=False)
+    assert set(ref["step"]) == {4, 8, 12}
+    for method, name in (("ft", "FT"), ("lora", "LoRA"), ("dora", "DoRA")):
+        rows = pd.read_csv(out / method / "tracker" / "metrics.csv")
+        assert sorted(set(rows["step"])) == list(range(2, 13, 2)) and set(rows["method"]) == {name}
+        at_ckpt = rows[rows["step"].isin([4, 8, 12])]
+        assert_rows_equal(at_ckpt, ref[ref["run"] == method])
+        assert json.loads((out / method / "tracker" / "tracker.json").read_text())["every"] == 2
+    untracked = T.train_all(tiny(tmp_path, out=str(tmp_path / "plain"), track_every=0))
+    assert not list(untracked.rglob("tracker"))
+    assert safetensors_files(untracked) == safetensors_files(out)
+    a, b = (json.loads((d / "train_log.json").read_text())["runs"] for d in (out, untracked))
+    assert all(a[m]["train_loss"] == b[m]["train_loss"] and a[m]["eval"] == b[m]["eval"] for m in a)

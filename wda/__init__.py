@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["analyze", "plan", "__version__"]
+__all__ = ["analyze", "plan", "Tracker", "__version__"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from wda import analysis
 
         return getattr(analysis, name)
+    if name == "Tracker":
+        from wda.tracker import Tracker
+
+        return Tracker
     raise AttributeError(f"module 'wda' has no attribute {name!r}")

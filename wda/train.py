@@ -115,6 +115,7 @@ class TrainConfig:
     # and/or steps ("100,200"); the final step is always saved.
     checkpoints: str | int = "0.625,0.75,0.875,1.0"
     save_every: int = 0  # also save every K steps (0: off)
+    track_every: int = 10  # wda.Tracker rows every K steps in <run>/tracker/ (0: off)
     eval_every: int = 50
     log_every: int = 50
     cache_dir: str | None = None  # None: $WDA_CACHE_DIR or ~/.cache/wda
@@ -232,11 +233,12 @@ def train_loop(model: Transformer, groups: list[dict], data: torch.Tensor, *, st
                warmup: int, min_lr_ratio: float, betas: tuple[float, float], eps: float,
                grad_clip: float, evals: Sequence[EvalSet], eval_every: int, log_every: int,
                save_at: Sequence[int] = (), save: Callable[[int], None] | None = None,
-               tag: str = "train") -> dict[str, Any]:
+               on_step: Callable[[int], None] | None = None, tag: str = "train") -> dict[str, Any]:
     """AdamW on ``groups`` for ``steps`` updates; evaluate, log and save along the way.
 
     Returns the per-step training losses and learning rates, and the evaluations (at step
-    0, every ``eval_every`` steps, at every saved step and at the end).
+    0, every ``eval_every`` steps, at every saved step and at the end). ``on_step(done)`` runs
+    after every update (the tracker).
     """
     opt = torch.optim.AdamW(groups, betas=betas, eps=eps)
     peak = [g["lr"] for g in opt.param_groups]
@@ -268,6 +270,8 @@ def train_loop(model: Transformer, groups: list[dict], data: torch.Tensor, *, st
         done = step + 1
         history["train_loss"].append(loss.item())
         history["lr"].append(peak[0] * f)
+        if on_step is not None:
+            on_step(done)
         if log_every and (done % log_every == 0 or done == steps):
             rate = done / (time.perf_counter() - t0)
             log.info("%s step %d/%d loss %.4f lr %.2e (%.1f steps/s)", tag, done, steps,
@@ -446,9 +450,14 @@ def finetune(cfg: TrainConfig, method: str, base: Transformer, corpora: Corpora,
     log.info("%s: %d trainable parameters, %d adapted modules", method, n_trainable, len(modules))
 
     save_at = checkpoint_steps(cfg.checkpoints, cfg.steps, cfg.save_every)
-    save = None
+    save = tracker = None
     if out_dir is not None:
         out_dir = Path(out_dir)
+        if cfg.track_every > 0:  # dense trajectories besides the checkpoints; W_0 = base now
+            from wda.tracker import Tracker
+
+            tracker = Tracker(model, modules or list(cfg.targets), every=cfg.track_every,
+                              out=out_dir / "tracker", run=method)
 
         def save(step: int) -> None:
             ckpt = out_dir / f"checkpoint-{step}"
@@ -464,10 +473,13 @@ def finetune(cfg: TrainConfig, method: str, base: Transformer, corpora: Corpora,
         seq_len=cfg.seq_len, gen=gen, schedule=cfg.schedule, warmup=cfg.warmup,
         min_lr_ratio=cfg.min_lr_ratio, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         grad_clip=cfg.grad_clip, evals=eval_sets(cfg, corpora), eval_every=cfg.eval_every,
-        log_every=cfg.log_every, save_at=save_at, save=save, tag=method)
+        log_every=cfg.log_every, save_at=save_at, save=save,
+        on_step=tracker.step if tracker is not None else None, tag=method)
     model.eval()
     hist |= {"method": method, "trainable_params": n_trainable, "modules": modules,
              "checkpoint_steps": save_at, "peak_lr": [g["lr"] for g in groups]}
+    if tracker is not None:
+        hist["tracker_s"] = tracker.seconds
     return model, hist
 
 
@@ -564,7 +576,9 @@ HELP = {
     "magnitude_only": "DoRA modules with a trainable magnitude but no A/B",
     "checkpoints": "count ('4': evenly spaced) or comma list of fractions ('0.5,1.0') "
                    "and/or steps ('100,200'); the final step is always saved",
-    "save_every": "also save every K steps (0: off)", "eval_every": "eval every K steps (0: "
+    "save_every": "also save every K steps (0: off)",
+    "track_every": "measure ΔM / ΔD every K steps while training, into <run>/tracker/ (0: off)",
+    "eval_every": "eval every K steps (0: "
     "only at start, checkpoints and end)", "log_every": "log a line every K steps (0: off)",
     "cache_dir": "pretrained-base cache (None: $WDA_CACHE_DIR or ~/.cache/wda)",
     "use_cache": "load / store the pretrained base in the cache",
