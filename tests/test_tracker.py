@@ -9,7 +9,6 @@ modules (scaling from adapter_config.json, names from the files, tensors from di
 
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import os

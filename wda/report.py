@@ -312,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     from wda import distributed, tracked
     from wda.analysis import run_analysis
 
-    from_tracker = args.trackers or tracked.holds_tracker(args.ckpt_dir)
+    from_tracker = args.trackers or (args.base is None and tracked.holds_tracker(args.ckpt_dir))
     if distributed.launched():  # under torchrun: modules split over the ranks, rank 0 writes
         if not from_tracker:
             return distributed.run_report(args)

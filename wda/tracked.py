@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wda.checkpoints import read_json
 from wda.errors import WdaError
 from wda.layout import ModuleInfo, Layout, Run, parse_name
 from wda.names import matches
 from wda.tracker import FORMAT, METRICS_NAME, SETTINGS_NAME
+
+if TYPE_CHECKING:
+    from wda.analysis import AnalysisOptions, AnalysisResult
 
 _INTS = ("step", "layer", "n_vectors", "n_excluded")
 _FLOATS = ("delta_m", "delta_d", "m0_mean")
@@ -46,7 +50,7 @@ def find(root: str | Path) -> list[Path]:
     return out
 
 
-def load(root: str | Path, options) -> "AnalysisResult":  # noqa: F821 (wda.analysis)
+def load(root: str | Path, options: AnalysisOptions) -> AnalysisResult:
     """The trackers' rows under ``root`` as an ``AnalysisResult`` for ``wda.report``."""
     import time
 
@@ -59,7 +63,7 @@ def load(root: str | Path, options) -> "AnalysisResult":  # noqa: F821 (wda.anal
     dirs = find(root)
     if not dirs:
         raise WdaError(root, f"holds no tracker output ({SETTINGS_NAME} and {METRICS_NAME})",
-                       f"point at the folder given to wda.Tracker(out=...), or at a folder of <run>/tracker/")
+                       "point at the folder given to wda.Tracker(out=...), or at a folder of <run>/tracker/")
     runs, modules, rows, notes, sources, nbytes = [], {}, [], [], [], 0
     seen: dict[tuple, Path] = {}
     for d in dirs:
@@ -98,9 +102,9 @@ def load(root: str | Path, options) -> "AnalysisResult":  # noqa: F821 (wda.anal
         sources.append({"path": str(d), "settings": settings})
     if options.modules:
         for pat in options.modules:
-            if not any(matches(n, pat) for n in seen_modules(rows)):
+            if not any(matches(n, pat) for n in _modules_of(rows)):
                 raise WdaError(root, f"--modules {pat!r} matches no tracked module",
-                               f"tracked: {', '.join(sorted(seen_modules(rows))[:4]) or 'none'}")
+                               f"tracked: {', '.join(sorted(_modules_of(rows))[:4]) or 'none'}")
     if not rows:
         raise WdaError(root, "the tracker has recorded no step yet", "let training reach a measured step")
     order = {"FT": 0, "LoRA": 1, "DoRA": 2}
@@ -114,7 +118,7 @@ def load(root: str | Path, options) -> "AnalysisResult":  # noqa: F821 (wda.anal
     return result
 
 
-def seen_modules(rows: list[dict]) -> set[str]:
+def _modules_of(rows: list[dict]) -> set[str]:
     return {r["module"] for r in rows}
 
 
