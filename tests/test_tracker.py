@@ -401,6 +401,8 @@ def test_report_on_several_tracked_runs_and_its_options(tracked_runs, tmp_path, 
     m = pd.read_csv(tmp_path / "rep" / "metrics.csv")
     assert m["run"].tolist()[0] == "ft" and set(m["run"]) == {"ft", "peft_dora"}
     assert set(m["matrix"]) == {"q_proj"}
+    rc, _, err = _report(capsys, root, "--out", tmp_path / "rep3", "--modules", "k_proj")
+    assert rc == 2 and "--modules 'k_proj' matches no tracked module" in err
     # --trackers reads <run>/tracker/ beside a base/ (a checkpoint folder that also tracked)
     rc, _, err = _report(capsys, tracked_runs / "ft", "--trackers", "--out", tmp_path / "t2", "--no-figures")
     assert rc == 0, err

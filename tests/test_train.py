@@ -342,6 +342,6 @@ def test_cli_runs_and_rejects_bad_options(tmp_path, capsys) -> None:
             "--pretrain-max-bytes", "20000", "--downstream-max-bytes", "20000"]
     assert T.main(argv) == 0
     assert "ft" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "cli" / "ft").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (tmp_path / "cli" / "ft").iterdir()) == ["checkpoint-2", "checkpoint-4", "tracker"]
     assert T.main(argv + ["--overwrite", "--methods", "sgd"]) == 2
     assert "sgd" in capsys.readouterr().err

@@ -287,13 +287,15 @@ class Tracker:
                                  f"has one method", "select only the adapter layers, or only plain modules")
         self.method = "FT" if kinds == {"full"} else "DoRA" if kinds & {"dora", "magnitude"} else "LoRA"
         self.w0_bytes = 0
+        if self.write:  # before copying W_0: a folder we must not use fails fast
+            self._files(lambda: self._check_out())
         t0 = time.perf_counter()
         with torch.no_grad():
             for t in self._modules:  # every rank, in the same order: FSDP2 gathers are collective
                 self._prepare(t)
         self.seconds += time.perf_counter() - t0
         if self.write:
-            self._create_files()
+            self._files(lambda: self._create_files())
 
     # -- public --
     @property
@@ -422,21 +424,27 @@ class Tracker:
         return t.base
 
     # -- files --
-    def _create_files(self) -> None:
+    def _files(self, fn) -> None:
         try:
-            if self.out.exists() and not self.out.is_dir():
-                raise WdaError(self.out, "exists and is not a folder", "choose another out=")
-            self.out.mkdir(parents=True, exist_ok=True)
-            if self.metrics_path.exists() and self.metrics_path.stat().st_size > 0:
-                raise WdaError(self.metrics_path, "already exists; refusing to mix the rows of two runs",
-                               "choose another out= or remove the old folder")
-            _write_atomic(self.out / SETTINGS_NAME, json.dumps(self.settings(), indent=1) + "\n")
-            header = ",".join(metric_columns()) + "\n"
-            _write_atomic(self.metrics_path, header)
-            self._size = len(header.encode())
+            fn()
         except OSError as exc:
             raise WdaError(self.out, f"cannot write the tracker's files ({_reason(exc)})",
                            "check the path, free space and permissions") from None
+
+    def _check_out(self) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise WdaError(self.out, "exists and is not a folder", "choose another out=")
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.metrics_path.exists() and self.metrics_path.stat().st_size > 0:
+            raise WdaError(self.metrics_path, "already exists; refusing to mix the rows of two runs",
+                           "choose another out= or remove the old folder")
+
+    def _create_files(self) -> None:
+        """tracker.json, then metrics.csv's header, each written whole."""
+        _write_atomic(self.out / SETTINGS_NAME, json.dumps(self.settings(), indent=1) + "\n")
+        header = ",".join(metric_columns()) + "\n"
+        _write_atomic(self.metrics_path, header)
+        self._size = len(header.encode())
 
     def _append(self, rows: list[dict]) -> None:
         """The step's rows in one write + fsync; on failure the file is cut back to its last
