@@ -21,7 +21,7 @@ from typing import Iterator
 import pandas as pd
 import torch
 
-from wda.checkpoints import WEIGHT_SUFFIX, AdapterConfig, HandleCache
+from wda.formats import HandleCache
 from wda.decompose import AXES, BaseWeight, NonFiniteWeights
 from wda.errors import WdaError
 from wda.layout import Layout, ModuleInfo, Run, discover
@@ -103,7 +103,7 @@ _BATCH_FULL = 4  # full-weight checkpoints of one matrix measured in one pass ov
 @dataclass
 class _Loaded:
     tensors: dict[str, torch.Tensor]  # stored dtype: "w", or "a", "b", "m" of an adapter
-    adapter: AdapterConfig | None
+    scaling: float | None  # of B·A for an adapter; None for a full weight
     source: Path  # the file the tensors came from (named in errors)
     ready: object = None  # CUDA: event recorded after the copies to the device
 
@@ -116,14 +116,12 @@ class _Loaded:
 def _read_item(item: _Item, cache: HandleCache) -> _Loaded:
     """The stored tensors of one matrix."""
     ck = cache.get(item.path)
-    if ck.adapter is None:
-        name = item.module.name + WEIGHT_SUFFIX
-        return _Loaded({"w": ck.read(name)}, None, ck.file_of(name))
-    keys = ck.adapter_modules[item.run.adapter_names[item.module.name]]
-    out = {"m": ck.read(keys.magnitude)} if keys.magnitude else {}
-    if keys.a is not None:
-        out["a"], out["b"] = ck.read(keys.a), ck.read(keys.b)
-    return _Loaded(out, ck.adapter, ck.adapter_file)
+    name = item.module.name
+    if not ck.is_adapter:
+        return _Loaded({"w": ck.read_weight(name)}, None, ck.weights[name].file)
+    # an adapter's own module name: prefixes may differ from the base's by a wrapper
+    info = ck.adapters[item.run.adapter_names[name]]
+    return _Loaded(ck.read_adapter(item.run.adapter_names[name]), info.scaling, info.file)
 
 
 def _is_full(item: _Item) -> bool:
@@ -203,7 +201,7 @@ class _Measurer:
             self.flush()
             self.base = None  # let the previous W_0 go first
             self.base = _prepare_base(item, data, self.dev, self.dtype, self.options.axis)
-        elif data.adapter is not None:
+        elif data.scaling is not None:
             self._flush_full()
             self._pending.append((item, data))
             self._rank += sum(v.shape[0] for k, v in data.tensors.items() if k == "a")
@@ -245,8 +243,7 @@ class _Measurer:
         low = [i for i, t in enumerate(tensors) if "a" in t and not ("m" in t and base.dim == 0)]
         proj = dict(zip(low, base.project([(tensors[i]["a"], tensors[i]["b"]) for i in low])))
         for i, ((item, data), t) in enumerate(zip(pending, tensors)):
-            # scaling from this checkpoint's own config; PEFT patterns match the adapter's name
-            s = data.adapter.scaling(item.run.adapter_names[item.module.name])
+            s = data.scaling  # this checkpoint's own, for this module
             if "a" not in t:  # magnitude only (paper Table 6): W' = m · W_0 / ||W_0||
                 self._record(item, data, lambda t=t: base.measure_rescaled(t["m"]))
             else:
