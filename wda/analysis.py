@@ -12,6 +12,7 @@ flight: peak memory is a few matrices whatever the number of layers or steps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,16 +22,16 @@ from typing import Iterator
 import pandas as pd
 import torch
 
-from wda.formats import HandleCache
-from wda.decompose import AXES, BaseWeight, NonFiniteWeights
+from wda.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
 from wda.errors import WdaError
+from wda.formats import HandleCache
 from wda.layout import Layout, ModuleInfo, Run, discover
 from wda.prefetch import prefetched, stage
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ["run", "method", "step", "module", "layer", "matrix", "delta_m", "delta_d",
-                  "n_vectors", "n_excluded", "m0_mean", "axis", "stack"]
+METRIC_COLUMNS = ["run", "method", "step", "module", "layer", "matrix", *MEASUREMENT_FIELDS,
+                  "axis", "stack"]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -313,8 +314,7 @@ def _drop_broken(layout: Layout, broken: dict[str, str]) -> None:
 def _row(item: _Item, meas, axis: str) -> dict:
     m = item.module
     return {"run": item.run.name, "method": item.run.method, "step": item.step, "module": m.name,
-            "layer": m.layer, "matrix": m.matrix, "delta_m": meas.delta_m, "delta_d": meas.delta_d,
-            "n_vectors": meas.n_vectors, "n_excluded": meas.n_excluded, "m0_mean": meas.m0_mean,
+            "layer": m.layer, "matrix": m.matrix, **dataclasses.asdict(meas),
             "axis": axis, "stack": m.stack, "_path": str(item.path)}
 
 
