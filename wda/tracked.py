@@ -1,7 +1,7 @@
 """The rows a training-time ``wda.Tracker`` wrote, as the analysis result the report renders.
 
     DIR/tracker.json + DIR/metrics.csv           one tracked run
-    DIR/<run>/tracker/  or  DIR/<run>/           several runs (``--trackers``, or DIR without base/)
+    DIR/<run>/tracker/  or  DIR/<run>/           several runs (``--trackers``)
 
 No weights are read: the rows were measured while training ran, with the engine's own code.
 The result carries the same columns and sort as ``run_analysis`` (``wda.analysis._table``),
@@ -14,7 +14,7 @@ import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wda.checkpoints import read_json
+from wda.formats.tensors import read_json
 from wda.errors import WdaError
 from wda.layout import ModuleInfo, Layout, Run, parse_name
 from wda.names import matches
@@ -24,14 +24,13 @@ if TYPE_CHECKING:
     from wda.analysis import AnalysisOptions, AnalysisResult
 
 _INTS = ("step", "layer", "n_vectors", "n_excluded")
-_FLOATS = ("delta_m", "delta_d", "m0_mean")
+_TEXT = ("run", "method", "module", "matrix", "axis", "stack")  # every other column is a number
 
 
 def holds_tracker(root: str | Path) -> bool:
-    """True if ``root`` is a tracker's folder, or has no base/ and holds trackers' folders."""
-    root = Path(root)
-    return (root / SETTINGS_NAME).is_file() or (
-        root.is_dir() and not (root / "base").exists() and bool(find(root)))
+    """True if ``root`` is a tracker's folder (a folder of several needs ``--trackers``: a
+    Trainer output_dir may hold both checkpoints and a tracker)."""
+    return (Path(root) / SETTINGS_NAME).is_file()
 
 
 def find(root: str | Path) -> list[Path]:
@@ -158,9 +157,9 @@ def _metrics(path: Path):
     missing = [c for c in metric_columns() if c not in df.columns]
     if missing:
         raise WdaError(path, f"columns {', '.join(missing)} are missing", "restore the file the tracker wrote")
-    for col in _INTS + _FLOATS:
+    for col in [c for c in df.columns if c not in _TEXT]:
         num = pd.to_numeric(df[col].mask(df[col] == ""), errors="coerce")
-        bad = num.isna() & (df[col] != "") if col in _FLOATS else num.isna() | (num % 1 != 0)
+        bad = num.isna() | (num % 1 != 0) if col in _INTS else num.isna() & (df[col] != "")
         if bad.any():
             line = int(bad.to_numpy().nonzero()[0][0]) + 2
             raise WdaError(path, f"line {line}: {col} {df[col][bad].iloc[0]!r} is not a number",

@@ -38,7 +38,6 @@ gradients, module modes or weights.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import io
 import json
@@ -53,7 +52,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from wda.decompose import AXES, BaseWeight, Measurement, NonFiniteWeights
+from wda.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
 from wda.errors import WdaError
 from wda.layout import DEFAULT_TARGETS, GPT2_DEFAULT_TARGETS, ModuleInfo, parse_name
 from wda.names import matches
@@ -71,7 +70,7 @@ def metric_columns() -> list[str]:
     """``wda.analysis.METRIC_COLUMNS``, then any ``Measurement`` field it does not list yet."""
     from wda.analysis import METRIC_COLUMNS
 
-    extra = [f.name for f in dataclasses.fields(Measurement) if f.name not in METRIC_COLUMNS]
+    extra = [f for f in MEASUREMENT_FIELDS if f not in METRIC_COLUMNS]
     return list(METRIC_COLUMNS) + extra
 
 
@@ -411,7 +410,7 @@ class Tracker:
                                               f"{step}", "training diverged; earlier steps are in the file") from None
         info = t.info
         return {"run": self.run, "method": self.method, "step": step, "module": info.name,
-                "layer": info.layer, "matrix": info.matrix, **dataclasses.asdict(meas),
+                "layer": info.layer, "matrix": info.matrix, **{f: getattr(meas, f) for f in MEASUREMENT_FIELDS},
                 "axis": self.axis, "stack": info.stack}
 
     def _adapter_base(self, t: _Module) -> BaseWeight:
