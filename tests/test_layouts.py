@@ -123,6 +123,16 @@ def test_base_as_a_hub_id(trained, offline_hub, spec):
     check_run(df, "ft_out", base_sd, runs["ft"][0], qv(base_sd))
 
 
+def test_report_plots_change_against_training_loss(trained, tmp_path, capsys):
+    d = trained[0]
+    out = tmp_path / "report"
+    rc = main([str(d / "ft_out"), "--base", str(d / "base"), "--out", str(out), "--no-progress",
+               "--bootstrap", "20", "--modules", "q_proj"])
+    assert rc == 0, capsys.readouterr().err
+    assert (out / "loss_q_proj.png").stat().st_size > 1000
+    assert "loss_q_proj.png" in (out / "report.md").read_text()
+
+
 def test_runs_given_one_by_one(trained, tmp_path, capsys):
     d, base_sd, runs = trained
     out = tmp_path / "report"
