@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
