@@ -74,6 +74,7 @@ def test_perfect_anticorrelation_gives_minus_one():
     ([2e-6] * 5, [1.0, 2.0, 3.0, 4.0, 5.0], "ΔD constant"),
     ([1.0, 2.0, 3.0, 4.0], [0.1] * 4, "ΔM constant"),
     ([1.0] * 3, [7.0] * 3, "ΔD and ΔM constant"),
+    ([0.0] * 4, [0.0] * 4, "unchanged from base"),
     ([1.0, 2.0, np.nan, np.inf], [1.0, 3.0, 2.0, 0.0], "n < 3"),  # non-finite points dropped
 ])
 def test_undefined_groups_are_nan_with_a_note_and_no_warning(x, y, note):

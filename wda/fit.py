@@ -88,11 +88,14 @@ def _is_constant(v: np.ndarray) -> bool:
 
 
 def undefined_reason(x: np.ndarray, y: np.ndarray) -> str | None:
-    """Why r(x, y) is undefined ("n < 3", "ΔD constant", ...), or None if it is defined."""
+    """Why r(x, y) is undefined ("n < 3", "ΔD constant", "unchanged from base", ...), or
+    None if it is defined."""
     if len(x) < 3:
         return "n < 3"
     const_x, const_y = _is_constant(x), _is_constant(y)
     if const_x and const_y:
+        if not np.any(x) and not np.any(y):
+            return "unchanged from base"  # ΔD = ΔM = 0 at every point
         return "ΔD and ΔM constant"
     if const_x:
         return "ΔD constant"
