@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["analyze", "plan", "__version__"]
+__all__ = ["analyze", "plan", "make_report", "__version__"]
 
 
 def __getattr__(name: str):
@@ -13,4 +13,8 @@ def __getattr__(name: str):
         from wda import analysis
 
         return getattr(analysis, name)
+    if name == "make_report":
+        from wda.report import make_report
+
+        return make_report
     raise AttributeError(f"module 'wda' has no attribute {name!r}")
