@@ -142,8 +142,8 @@ def fit_xy(x: np.ndarray, y: np.ndarray, n_boot: int = 2000, seed: int = 0,
     row: dict[str, object] = {"n": int(len(x)), "n_layers": int(n_layers)}
     row.update({c: float("nan") for c in NUMERIC_COLUMNS})
     row.update(ci_level=float(ci), n_boot=int(n_boot), n_perm=0, n_dropped=int((~finite).sum()))
-    reason = undefined_reason(x, y)
-    if reason is None and len(x) < min_n:
+    reason = undefined_reason(x, y) if len(x) >= min_n or min_n <= 3 else None
+    if len(x) < min_n and min_n > 3:
         reason = (f"n = {len(x)} < {min_n}: not reported (a two-sided permutation p of r from "
                   f"{len(x)} points is at least 2/{len(x)}! = {2 / math.factorial(len(x)):.2g})")
     row["note"] = reason or ""

@@ -208,14 +208,19 @@ def _ci(low: object, high: object, spec: str = "+.2f") -> str:
 def inference_text(fits: pd.DataFrame) -> str:
     """What the CI and p of the fits tables are, in words, with the resample counts used."""
     n_boot = int(fits["n_boot"].iloc[0]) if "n_boot" in fits and len(fits) else 0
-    n_perm = int(fits["n_perm"].max()) if "n_perm" in fits and len(fits) else 0
+    used = fits[fits["n_perm"] > 0] if "n_perm" in fits else fits.iloc[:0]
+    exact = [int(u) == math.factorial(int(g)) for u, g in zip(used["n_perm"], used["n_layers"])]
     level = float(fits["ci_level"].iloc[0]) if "ci_level" in fits and len(fits) else 0.95
     boot = (f"a percentile bootstrap over layers ({n_boot} resamples, each drawing as many "
             "layers as there are, with replacement, with all their steps)" if n_boot > 0
             else "not computed (no CI: 0 bootstrap resamples)")
-    perm = (f"a two-sided permutation p-value (up to {n_perm} permutations, exact over all G! "
-            "pairings of G layers when that is fewer)" if n_perm > 0
-            else "not computed (0 permutations)")
+    if used.empty:
+        perm = "not computed (0 permutations)"
+    elif all(exact):
+        perm = "an exact two-sided permutation p-value (all G! pairings of the G layers)"
+    else:
+        perm = (f"a two-sided permutation p-value ({int(used['n_perm'].max())} seeded random "
+                "pairings of the layers, or all G! when fewer)")
     return (f"Each layer is measured at several steps, so the points are repeated measures, not "
             f"independent: the layer (one module) is the resampling unit. The {level:.0%} CIs of r "
             f"and of the slope are {boot}. p is {perm} that permutes the layers' ΔM trajectories "
@@ -223,7 +228,9 @@ def inference_text(fits: pd.DataFrame) -> str:
             "with which layer's ΔD trajectory does not matter. Every permutation keeps each "
             "layer's own course over the steps, so a pooled r made only of the growth that all "
             "layers share over training is not significant, and with G layers p ≥ 2/G! (0.083 for "
-            "4 layers). The columns marked *naive* treat every point as independent (t-test p, "
+            "4 layers). A CI that excludes 0 beside a large p says that r is reliably of its sign "
+            "but through that shared growth, not through which layer changes more. The columns "
+            "marked *naive* treat every point as independent (t-test p, "
             "bootstrap over points): shown for comparison only, they overstate the certainty.")
 
 
@@ -296,7 +303,8 @@ def _per_step_section(fits: pd.DataFrame, per_step: pd.DataFrame | None) -> str:
         ps = per_step[(per_step["run"] == f.run) & (per_step["matrix"] == f.matrix)]
         r = ps["pearson_r"].to_numpy(dtype=float)
         ok = np.isfinite(r)
-        same = int((np.sign(r[ok]) == np.sign(f.pearson_r)).sum()) if _isnum(f.pearson_r) else NA
+        same = (int((np.sign(r[ok]) == np.sign(f.pearson_r)).sum())
+                if _isnum(f.pearson_r) and ok.any() else NA)
         median = fmt(np.median(r[ok]), "+.2f") if ok.any() else NA
         layers = sorted(set(ps["n"])) if "n" in ps and len(ps) else []
         n_text = "/".join(map(str, layers)) or NA
@@ -306,10 +314,13 @@ def _per_step_section(fits: pd.DataFrame, per_step: pd.DataFrame | None) -> str:
             s: _per_step_cell(v, n) for s, v, n in zip(ps["step"], ps["pearson_r"], ps["note"])}
     steps = sorted(set(per_step["step"]))
     pivot = [(s, *(col.get(s, NA) for col in columns.values())) for s in steps]
+    head.append(table(["run", "matrix", "layers per step", "pooled r", "median per-step r",
+                       "steps with pooled sign", "reported steps", "steps"], summary,
+                      [False, False, True, True, True, True, True, True]))
+    if not np.isfinite(per_step["pearson_r"].to_numpy(dtype=float)).any():
+        return "\n".join(head + ["", f"No step has {MIN_LAYERS_PER_STEP} or more layers of one "
+                                      "matrix kind: no per-step r is reported.", ""])
     return "\n".join(head + [
-        table(["run", "matrix", "layers per step", "pooled r", "median per-step r",
-               "steps with pooled sign", "reported steps", "steps"], summary,
-              [False, False, True, True, True, True, True, True]),
         "", "Pearson r across layers, per step (n = layers):", "",
         table(["step", *columns], pivot, [True] * (len(columns) + 1)), ""])
 
