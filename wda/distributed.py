@@ -211,14 +211,12 @@ def sharded_analysis(ckpt_dir: str | Path, options, env: DistEnv):
 
     Raises the same error on every rank if any rank fails.
     """
-    from wda.analysis import run_analysis
-    from wda.layout import discover
+    from wda.analysis import discover_selected, run_analysis
 
     t0 = time.perf_counter()
     layout, err = None, None
     try:  # headers only, on every rank: the same call run_analysis makes, all modules
-        layout = discover(ckpt_dir, base=options.base, modules=list(options.modules or []) or None,
-                          fan_in_fan_out=options.fan_in_fan_out, skip_broken=options.skip_broken)
+        layout = discover_selected(ckpt_dir, options)
     except Exception as exc:
         err = exc
     agree(err)
