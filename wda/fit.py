@@ -184,9 +184,11 @@ def cluster_column(metrics: pd.DataFrame) -> str | None:
 
 def _group_sort_key(key: tuple, by: list[str]) -> tuple:
     rank = method_rank(key[by.index("method")]) if "method" in by else 0
+    # methods outside FT/LoRA/DoRA by name first, as ordered_runs does: one run order
+    other = str(key[by.index("method")]) if "method" in by and rank == len(METHOD_ORDER) else ""
     # Natural order on str() of each key, so that mixed or missing values still sort
     # deterministically; the raw str() breaks ties such as "r01" vs "r1".
-    return (rank, *((natural_key(v), str(v)) for v in key))
+    return (rank, other, *((natural_key(v), str(v)) for v in key))
 
 
 def fit_groups(metrics: pd.DataFrame, by: Sequence[str] = ("run", "method", "matrix"),
