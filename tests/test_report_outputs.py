@@ -72,7 +72,7 @@ def test_dry_run_count_is_the_progress_bar_total_and_the_rows(pristine, tmp_path
     rc, dry, _ = cli(capsys, str(pristine), "--dry-run")
     n = int(re.search(r"(\d+) matrices to measure", dry)[1])
     rc, _, err = cli(capsys, str(pristine), "--out", str(tmp_path / "out"), "--no-figures",
-                     "--bootstrap", "0", "--permutations", "0")
+                     "--bootstrap", "0", "--permutations", "0", "--progress")
     assert rc == 0
     assert f"{n}/{n}" in err  # tqdm's last state on stderr
     assert len(pd.read_csv(tmp_path / "out" / "metrics.csv")) == n
@@ -222,7 +222,7 @@ def test_runs_and_steps_filter_and_the_full_result(pristine):
     assert set(p["run"]) == {"ft", "lora"} and set(p["step"]) == {20}
     res = wda.analyze(pristine, runs=["dora"], steps=10, return_result=True, progress=False)
     assert set(res.metrics["run"]) == {"dora"} and set(res.metrics["step"]) == {10}
-    assert [r.name for r in res.layout.runs] == ["dora"] and res.options.steps == (10,)
+    assert [r.name for r in res.layout.runs] == ["dora"] and res.options.only_steps == (10,)
     with pytest.raises(WdaError, match="no checkpoint at step 7"):
         wda.analyze(pristine, steps=[7], progress=False)
 

@@ -22,16 +22,17 @@ from typing import Iterator
 import pandas as pd
 import torch
 
-from wda.checkpoints import WEIGHT_SUFFIX, AdapterConfig, HandleCache
-from wda.decompose import AXES, BaseWeight, NonFiniteWeights
+from wda.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
 from wda.errors import WdaError, pythonic_errors
+from wda.formats import HandleCache
 from wda.layout import Layout, ModuleInfo, Run, discover
 from wda.prefetch import prefetched, stage
+from wda.trainer_state import LOG_COLUMNS
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ["run", "method", "step", "module", "layer", "matrix", "delta_m", "delta_d",
-                  "n_vectors", "n_excluded", "m0_mean", "delta_m_rel", "axis", "stack"]
+METRIC_COLUMNS = ["run", "method", "step", "module", "layer", "matrix", *MEASUREMENT_FIELDS,
+                  "delta_m_rel", "axis", "stack", *LOG_COLUMNS]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -43,24 +44,32 @@ class AnalysisOptions:
     axis: str = "out"  # "out": one magnitude per output feature (norm over dim=1 of (out, in))
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # compute dtype, whatever the stored one
-    base: str | None = None  # W_0 folder, default CKPT_DIR/base
+    base: str | None = None  # W_0: a folder, a file or a cached hub id; default CKPT_DIR/base
+    runs: tuple[tuple[str, str], ...] = ()  # runs given one by one: (name, folder)
     fan_in_fan_out: bool | None = None  # force the (in, out) Conv1D layout on or off
     skip_broken: bool = False
-    progress: bool = True
+    progress: bool | None = None  # None: a bar only when stderr is a terminal (tqdm's convention)
     prefetch: int = 2  # matrices read ahead of the one being measured
-    runs: tuple[str, ...] | None = None  # only these runs (by folder name)
-    steps: tuple[int, ...] | None = None  # only these steps
+    only_runs: tuple[str, ...] | None = None  # of the runs found, only these (by name)
+    only_steps: tuple[int, ...] | None = None  # only these steps
 
     def __post_init__(self) -> None:
+        runs = self.runs.items() if isinstance(self.runs, dict) else self.runs
+        object.__setattr__(self, "runs", tuple((str(n), str(p)) for n, p in runs))
         object.__setattr__(self, "modules", module_patterns(self.modules))
-        if self.runs is not None:
-            object.__setattr__(self, "runs", _names(self.runs, "runs"))
-        if self.steps is not None:
-            object.__setattr__(self, "steps", _steps(self.steps))
+        if self.only_runs is not None:
+            object.__setattr__(self, "only_runs", _names(self.only_runs, "runs"))
+        if self.only_steps is not None:
+            object.__setattr__(self, "only_steps", _steps(self.only_steps))
         if self.axis not in AXES:
             raise WdaError(None, f"--axis must be one of {', '.join(AXES)}, not {self.axis!r}")
         if self.dtype not in DTYPES:
             raise WdaError(None, f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+
+    def discover(self, ckpt_dir: str | Path | None) -> Layout:
+        """What these options analyse in ``ckpt_dir`` (headers only)."""
+        return discover(ckpt_dir, base=self.base, modules=list(self.modules or []) or None,
+                        fan_in_fan_out=self.fan_in_fan_out, skip_broken=self.skip_broken, runs=self.runs)
 
 
 def module_patterns(modules: str | Sequence[str] | None) -> tuple[str, ...] | None:
@@ -83,7 +92,7 @@ def _names(value: str | Sequence[str], what: str) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else list(value)
     out = tuple(str(v).strip() for v in items if str(v).strip())
     if not out:
-        raise WdaError(None, f"--{what} {value!r} names nothing")
+        raise WdaError(None, f"{what} {value!r} names no run")
     return out
 
 
@@ -92,9 +101,9 @@ def _steps(value: int | str | Sequence[int]) -> tuple[int, ...]:
     try:
         out = tuple(sorted({int(str(v).strip()) for v in items if str(v).strip()}))
     except ValueError:
-        raise WdaError(None, f"--steps {value!r} is not a list of integer steps") from None
+        raise WdaError(None, f"steps {value!r} is not a list of integer steps") from None
     if not out:
-        raise WdaError(None, f"--steps {value!r} names no step")
+        raise WdaError(None, f"steps {value!r} names no step")
     return out
 
 
@@ -119,7 +128,7 @@ def select(layout: Layout, runs: Sequence[str] | None, steps: Sequence[int] | No
         layout.runs = [r for r in layout.runs if r.steps]
     if not layout.module_pairs():
         raise WdaError(layout.root, "no selected run changes the selected modules",
-                       "check --modules, --runs and --steps")
+                       "check --modules, --only-runs and --only-steps")
     return layout
 
 
@@ -129,11 +138,21 @@ def measurement_count(layout: Layout) -> int:
     return sum(len(r.steps) for _, r in layout.module_pairs())
 
 
-def discover_selected(ckpt_dir: str | Path, options: AnalysisOptions) -> Layout:
-    """``layout.discover`` with the options' modules, then ``select`` of runs and steps."""
-    layout = discover(ckpt_dir, base=options.base, modules=list(options.modules or []) or None,
-                      fan_in_fan_out=options.fan_in_fan_out, skip_broken=options.skip_broken)
-    return select(layout, options.runs, options.steps)
+def discover_selected(ckpt_dir: str | Path | None, options: AnalysisOptions) -> Layout:
+    """``options.discover``, then ``select`` of the options' runs and steps."""
+    return select(options.discover(ckpt_dir), options.only_runs, options.only_steps)
+
+
+def _runs_argument(runs) -> tuple[object, object]:
+    """``runs=`` of the Python API: a dict {name: folder} or (name, folder) pairs give the
+    runs one by one; a name or a list of names selects among the runs found.
+    Returns (runs given, names selected)."""
+    if runs is None:
+        return (), None
+    if isinstance(runs, dict) or (not isinstance(runs, str) and all(
+            isinstance(r, (tuple, list)) and len(r) == 2 for r in runs) and len(runs)):
+        return runs, None
+    return (), runs
 
 
 @dataclass
@@ -185,7 +204,7 @@ _BATCH_FULL = 4  # full-weight checkpoints of one matrix measured in one pass ov
 @dataclass
 class _Loaded:
     tensors: dict[str, torch.Tensor]  # stored dtype: "w", or "a", "b", "m" of an adapter
-    adapter: AdapterConfig | None
+    scaling: float | None  # of B·A for an adapter; None for a full weight
     source: Path  # the file the tensors came from (named in errors)
     ready: object = None  # CUDA: event recorded after the copies to the device
 
@@ -198,14 +217,12 @@ class _Loaded:
 def _read_item(item: _Item, cache: HandleCache) -> _Loaded:
     """The stored tensors of one matrix."""
     ck = cache.get(item.path)
-    if ck.adapter is None:
-        name = item.module.name + WEIGHT_SUFFIX
-        return _Loaded({"w": ck.read(name)}, None, ck.file_of(name))
-    keys = ck.adapter_modules[item.run.adapter_names[item.module.name]]
-    out = {"m": ck.read(keys.magnitude)} if keys.magnitude else {}
-    if keys.a is not None:
-        out["a"], out["b"] = ck.read(keys.a), ck.read(keys.b)
-    return _Loaded(out, ck.adapter, ck.adapter_file)
+    name = item.module.name
+    if not ck.is_adapter:
+        return _Loaded({"w": ck.read_weight(name)}, None, ck.weights[name].file)
+    # an adapter's own module name: prefixes may differ from the base's by a wrapper
+    info = ck.adapters[item.run.adapter_names[name]]
+    return _Loaded(ck.read_adapter(item.run.adapter_names[name]), info.scaling, info.file)
 
 
 def _is_full(item: _Item) -> bool:
@@ -285,7 +302,7 @@ class _Measurer:
             self.flush()
             self.base = None  # let the previous W_0 go first
             self.base = _prepare_base(item, data, self.dev, self.dtype, self.options.axis)
-        elif data.adapter is not None:
+        elif data.scaling is not None:
             self._flush_full()
             self._pending.append((item, data))
             self._rank += sum(v.shape[0] for k, v in data.tensors.items() if k == "a")
@@ -327,8 +344,7 @@ class _Measurer:
         low = [i for i, t in enumerate(tensors) if "a" in t and not ("m" in t and base.dim == 0)]
         proj = dict(zip(low, base.project([(tensors[i]["a"], tensors[i]["b"]) for i in low])))
         for i, ((item, data), t) in enumerate(zip(pending, tensors)):
-            # scaling from this checkpoint's own config; PEFT patterns match the adapter's name
-            s = data.adapter.scaling(item.run.adapter_names[item.module.name])
+            s = data.scaling  # this checkpoint's own, for this module
             if "a" not in t:  # magnitude only (paper Table 6): W' = m · W_0 / ||W_0||
                 self._record(item, data, lambda t=t: base.measure_rescaled(t["m"]))
             else:
@@ -354,10 +370,13 @@ class _Measurer:
         self.broken[str(item.path)] = str(err)
 
 
-def run_analysis(ckpt_dir: str | Path, options: AnalysisOptions = AnalysisOptions()) -> AnalysisResult:
-    """Discover, check and measure everything; the full result with its provenance."""
+def run_analysis(ckpt_dir: str | Path | None, options: AnalysisOptions = AnalysisOptions(),
+                 layout: Layout | None = None) -> AnalysisResult:
+    """Discover, check and measure everything; the full result with its provenance.
+    ``layout``: what ``options.discover(ckpt_dir)`` found, if already called."""
     t0 = time.perf_counter()
-    layout = discover_selected(ckpt_dir, options)
+    layout = select(layout if layout is not None else options.discover(ckpt_dir),
+                    options.only_runs, options.only_steps)
     dev = resolve_device(options.device)
     dtype = DTYPES[options.dtype]
     items = list(_work_items(layout))
@@ -369,7 +388,7 @@ def run_analysis(ckpt_dir: str | Path, options: AnalysisOptions = AnalysisOption
     from tqdm.auto import tqdm
 
     bar = tqdm(total=measurement_count(layout), desc="wda: measuring", unit="matrix",
-               disable=not options.progress)
+               disable=None if options.progress is None else not options.progress)
     try:
         for item, data in prefetched(items, _reader(cache, dev), options.prefetch, _is_full):
             if item.run is not None:  # base matrices are read, not measured
@@ -399,9 +418,13 @@ def _drop_broken(layout: Layout, broken: dict[str, str]) -> None:
 def _row(item: _Item, meas, axis: str) -> dict:
     m = item.module
     return {"run": item.run.name, "method": item.run.method, "step": item.step, "module": m.name,
-            "layer": m.layer, "matrix": m.matrix, "delta_m": meas.delta_m, "delta_d": meas.delta_d,
-            "n_vectors": meas.n_vectors, "n_excluded": meas.n_excluded, "m0_mean": meas.m0_mean,
-            "axis": axis, "stack": m.stack, "_path": str(item.path)}
+            "layer": m.layer, "matrix": m.matrix, **{f: getattr(meas, f) for f in MEASUREMENT_FIELDS},
+            "axis": axis, "stack": m.stack, **_logged(item), "_path": str(item.path)}
+
+
+def _logged(item: _Item) -> dict[str, float | None]:
+    """What the Trainer logged nearest this checkpoint (empty when it logged nothing)."""
+    return {c: item.run.train_log.get(item.step, {}).get(c) for c in LOG_COLUMNS}
 
 
 def _table(rows: list[dict]) -> pd.DataFrame:
@@ -416,38 +439,42 @@ def _table(rows: list[dict]) -> pd.DataFrame:
     return df.drop(columns="_m").reset_index(drop=True)
 
 
-def analyze(ckpt_dir: str | Path, modules: str | Sequence[str] | None = None,
+def analyze(ckpt_dir: str | Path | None, modules: str | Sequence[str] | None = None,
             axis: str = "out", device: str = "auto", dtype: str = "float32",
-            base: str | Path | None = None, runs: str | Sequence[str] | None = None,
-            steps: int | Sequence[int] | None = None, return_result: bool = False,
-            **kwargs) -> pd.DataFrame | AnalysisResult:
-    """ΔM (Eq. 3) and ΔD (Eq. 4) per (run, step, module) of a checkpoint directory.
+            base: str | Path | None = None, runs=None, steps: int | Sequence[int] | None = None,
+            return_result: bool = False, **kwargs) -> pd.DataFrame | AnalysisResult:
+    """ΔM (Eq. 3) and ΔD (Eq. 4) per (run, step, module) of a checkpoint directory (a folder
+    of runs or one Trainer output_dir; None with ``runs={name: folder}``).
 
     ``modules``: name suffixes (``"q_proj"``) or regular expressions matching whole names,
     as a comma list (``"q_proj,v_proj"``) or a list; default: the modules the adapters
-    target, else the attention query/value projections. ``runs`` / ``steps``: only these
-    run folders / steps. ``axis="out"``: one magnitude per output feature, as in DoRA/PEFT.
+    target, else the attention query/value projections. ``runs``: a name or list of names
+    selects among the runs found; a dict {name: folder} gives the runs one by one.
+    ``steps``: only these steps. ``axis="out"``: one magnitude per output feature, as in DoRA/PEFT.
     Other keywords: ``AnalysisOptions`` (``skip_broken``, ``fan_in_fan_out``, ``progress``).
     Returns the tidy table, or with ``return_result=True`` the ``AnalysisResult`` (table,
     layout, options, device, skipped checkpoints).
     """
     with pythonic_errors():
+        given, only = _runs_argument(runs)
         opts = AnalysisOptions(modules=modules, axis=axis, device=device, dtype=dtype,
-                               base=str(base) if base is not None else None, runs=runs,
-                               steps=steps, **kwargs)
+                               base=str(base) if base is not None else None, runs=given,
+                               only_runs=only, only_steps=steps, **kwargs)
         result = run_analysis(ckpt_dir, opts)
     return result if return_result else result.metrics
 
 
-def plan(ckpt_dir: str | Path, modules: str | Sequence[str] | None = None,
+def plan(ckpt_dir: str | Path | None, modules: str | Sequence[str] | None = None,
          base: str | Path | None = None, fan_in_fan_out: bool | None = None,
-         skip_broken: bool = False, runs: str | Sequence[str] | None = None,
-         steps: int | Sequence[int] | None = None) -> pd.DataFrame:
-    """Dry run (headers only): one row per (run, step, module) that would be measured."""
+         skip_broken: bool = False, runs=None, steps: int | Sequence[int] | None = None
+         ) -> pd.DataFrame:
+    """Dry run (headers only): one row per (run, step, module) that would be measured.
+    ``runs`` and ``steps`` as in ``analyze``."""
     with pythonic_errors():
+        given, only = _runs_argument(runs)
         opts = AnalysisOptions(modules=modules, base=str(base) if base is not None else None,
                                fan_in_fan_out=fan_in_fan_out, skip_broken=skip_broken,
-                               runs=runs, steps=steps)
+                               runs=given, only_runs=only, only_steps=steps)
         layout = discover_selected(ckpt_dir, opts)
     rows = [{"run": r.name, "method": r.method, "step": s, "module": m.name, "layer": m.layer,
              "matrix": m.matrix, "out_features": m.out_features, "in_features": m.in_features,

@@ -38,10 +38,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Weight-decomposition analysis (DoRA paper, Eqs. 2-4) of the fine-tuning runs in "
                     "CKPT_DIR: per layer and step, the magnitude change ΔM and direction change ΔD "
                     "against the pretrained weights, regression fits, Figure 2 and a report.",
-        epilog="Layout: CKPT_DIR/base/ (W_0) and CKPT_DIR/<run>/checkpoint-<step>/ folders holding full "
-               "weights (model.safetensors, sharded, pytorch_model.bin) or PEFT adapters. "
+        epilog="Layout: CKPT_DIR/base/ (W_0) and CKPT_DIR/<run>/checkpoint-<step>/ folders, or CKPT_DIR = one "
+               "run (a Trainer output_dir holding checkpoint-<step>/ folders), or runs given with --run. "
+               "Checkpoints hold full weights (model.safetensors, sharded, pytorch_model.bin, FSDP "
+               "pytorch_model_fsdp_0/) or PEFT adapters. "
                "Exit status: 0 done, 2 bad input, 1 internal error, 130 interrupted.")
-    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="directory with base/ and run folders")
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR", nargs="?",
+                   help="a folder of runs (with base/), or one run's folder of checkpoint-<step>/ folders "
+                        "(a Trainer output_dir); optional with --run")
+    p.add_argument("--run", metavar="NAME=PATH", action="append", default=[],
+                   help="a run to analyse: a folder of checkpoint-<step>/ folders, anywhere (repeatable)")
     p.add_argument("--out", metavar="OUT", help="report folder (default: reports/<name of CKPT_DIR>)")
     p.add_argument("--modules", metavar="LIST",
                    help="comma-separated module-name suffixes (q_proj) or regular expressions "
@@ -53,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="compute dtype, whatever the stored one (default float32)")
-    p.add_argument("--base", metavar="PATH", help="pretrained weights W_0 (default CKPT_DIR/base)")
+    p.add_argument("--base", metavar="PATH|ORG/NAME[@REV]",
+                   help="pretrained weights W_0: a folder, a weights file, or a hub id found offline in the "
+                        "local Hugging Face cache (default: CKPT_DIR/base, else the adapters' "
+                        "base_model_name_or_path)")
     p.add_argument("--fan-in-fan-out", choices=("auto", "yes", "no"), default="auto",
                    help="weights stored (in, out) as GPT-2 Conv1D; auto: from adapter configs and "
                         "config.json")
@@ -61,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip broken checkpoints (listed in the report) instead of stopping")
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be analysed (runs, steps, modules, shapes) and exit")
-    p.add_argument("--runs", metavar="LIST", help="only these run folders (comma-separated names)")
-    p.add_argument("--steps", metavar="LIST", help="only these steps (comma-separated integers)")
+    p.add_argument("--only-runs", metavar="LIST", help="of the runs found, only these (comma-separated names)")
+    p.add_argument("--only-steps", metavar="LIST", help="only these steps (comma-separated integers)")
     p.add_argument("--bootstrap", type=int, default=2000, metavar="N",
                    help="bootstrap resamples over layers for the CIs of r and of the slope "
                         "(default 2000; 0: no CI)")
@@ -76,7 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace an --out that holds the report of another input")
     p.add_argument("--no-figures", action="store_true", help="tables and report.md only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                     help="a progress bar even when stderr is not a terminal")
+    bar.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                     help="no progress bar (default: one only when stderr is a terminal)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -87,8 +100,22 @@ def _options(args: argparse.Namespace):
     fifo = {"auto": None, "yes": True, "no": False}[args.fan_in_fan_out]
     return AnalysisOptions(modules=args.modules, axis=args.axis, device=args.device, dtype=args.dtype,
                            base=args.base, fan_in_fan_out=fifo, skip_broken=args.skip_broken,
-                           progress=not args.no_progress, runs=getattr(args, "runs", None),
-                           steps=getattr(args, "steps", None))
+                           progress=args.progress, runs=_runs(args),
+                           only_runs=getattr(args, "only_runs", None),
+                           only_steps=getattr(args, "only_steps", None))
+
+
+def _runs(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """``--run NAME=PATH`` options as (name, path) pairs."""
+    out = []
+    for spec in args.run:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise WdaError(None, f"--run {spec!r} is not NAME=PATH", "e.g. --run lora=out/lora-r8")
+        out.append((name.strip(), path.strip()))
+    if args.ckpt_dir is None and not out:
+        raise WdaError(None, "nothing to analyse", "give CKPT_DIR or --run NAME=PATH")
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -166,6 +193,7 @@ def _manifest(result, settings: ReportSettings, out: Path, timings: dict[str, fl
 
 def _render(result, settings: ReportSettings, out_tmp: Path, out: Path, t_start: float) -> None:
     """Fit, plot and write everything into ``out_tmp``."""
+    from wda.attribution import drivers
     from wda.fit import fit_groups, fit_per_step
     from wda.markdown import render_report
 
@@ -176,20 +204,25 @@ def _render(result, settings: ReportSettings, out_tmp: Path, out: Path, t_start:
     kw = dict(by=by, n_boot=settings.n_boot, n_perm=settings.n_perm, seed=settings.seed)
     fits = fit_groups(metrics, **kw)
     per_step = fit_per_step(metrics, **kw)
+    why = drivers(metrics)
+    why_step = drivers(metrics, by=("run", "method", "matrix", "step"))
     timings["fits"] = time.perf_counter() - t
     metrics.to_csv(out_tmp / "metrics.csv", index=False)
     fits.to_csv(out_tmp / "fits.csv", index=False)
     per_step.to_csv(out_tmp / "fits_per_step.csv", index=False)
+    why.to_csv(out_tmp / "drivers.csv", index=False)
+    why_step.to_csv(out_tmp / "drivers_per_step.csv", index=False)
 
     t = time.perf_counter()
     figures: dict[str, str] = {}
     files: list[str] = []
     if settings.figures:
-        figures, files = _write_figures(metrics, fits, out_tmp, settings.relative_dm)
+        figures, files = _write_figures(metrics, fits, why, out_tmp, settings.relative_dm)
     timings["figures"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     manifest = _manifest(result, settings, out, timings, sorted(files))
-    (out_tmp / "report.md").write_text(render_report(metrics, fits, per_step, manifest, figures))
+    (out_tmp / "report.md").write_text(render_report(metrics, fits, per_step, manifest, figures,
+                                                     why, why_step))
     (out_tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -199,13 +232,13 @@ def figure_name(kind: str, matrix: str, axis: str, relative_dm: bool = False) ->
     return f"{kind}_{matrix}{tail}"
 
 
-def _write_figures(metrics, fits, out: Path, relative_dm: bool = False
+def _write_figures(metrics, fits, why, out: Path, relative_dm: bool = False
                    ) -> tuple[dict[str, str], list[str]]:
     """Figures into ``out``: (title -> PNG shown in report.md, every file written)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from wda.plot import figure2, trajectories
+    from wda.plot import drivers_figure, figure2, trajectories
 
     y = "delta_m_rel" if relative_dm else "delta_m"
     figures: dict[str, str] = {}
@@ -232,6 +265,13 @@ def _write_figures(metrics, fits, out: Path, relative_dm: bool = False
             fig.savefig(out / f"{stem}.png", dpi=150, metadata={"Software": None}, bbox_inches="tight")
             files.append(f"{stem}.png")
             figures[f"{matrix}: {what} and ΔD against step, per layer, axis {axis}"] = f"{stem}.png"
+            if not why.empty and matrix in set(why["matrix"]):
+                fig = drivers_figure(why, matrix=matrix)
+                stem = figure_name("drivers", matrix, axis)
+                fig.savefig(out / f"{stem}.png", dpi=150, metadata={"Software": None},
+                            bbox_inches="tight")
+                files.append(f"{stem}.png")
+                figures[f"{matrix}: what drives the correlation, per run, axis {axis}"] = f"{stem}.png"
     return figures, files
 
 
@@ -327,12 +367,13 @@ def _dry_run(args) -> int:
     layout = discover_selected(args.ckpt_dir, opts)
     dev = resolve_device(opts.device)  # --device cuda without a GPU fails here, not later
     pairs = layout.module_pairs()
-    print(f"{args.ckpt_dir}: {len(layout.runs)} run(s), {len({m.name for m, _ in pairs})} module(s), "
-          f"{measurement_count(layout)} matrices to measure (each against its base matrix) on {dev}")
+    print(f"{layout.root}: {len(layout.runs)} run(s), {len({m.name for m, _ in pairs})} module(s), "
+          f"{measurement_count(layout)} matrices to measure (each against its base matrix) on {dev}; "
+          f"base {layout.base}")
     covered = {r.name for _, r in pairs}
     for run in layout.runs:
-        none = "" if run.name in covered else "  (covers none of the selected modules)"
-        print(f"  {run.name:<16} {run.method:<5} steps {', '.join(map(str, run.steps))}{none}")
+        none = "  (covers none of the selected modules)" if run.name not in covered else ""
+        print(f"  {run.name:<16} {run.method:<5} {run.path}  steps {', '.join(map(str, run.steps))}{none}")
     for m in layout.modules:
         flag = "  (stored in, out)" if m.transposed else ""
         print(f"  {m.name}  (out={m.out_features}, in={m.in_features}){flag}")
@@ -342,17 +383,28 @@ def _dry_run(args) -> int:
 
 
 def out_dir(args: argparse.Namespace) -> Path:
-    return Path(args.out) if args.out else Path("reports") / Path(args.ckpt_dir).resolve().name
+    """--out, else reports/<name of CKPT_DIR> (of the first --run without CKPT_DIR)."""
+    if args.out:
+        return Path(args.out)
+    inp = args.ckpt_dir if args.ckpt_dir is not None else _runs(args)[0][1]
+    return Path("reports") / Path(inp).resolve().name
 
 
-def prepare_out(args: argparse.Namespace, out: Path) -> None:
-    """Before the long part: recover from a killed run, refuse an --out we must not replace."""
-    _prepare(Path(args.ckpt_dir), args.base, out, getattr(args, "force", False))
+def prepare_out(args: argparse.Namespace, out: Path, layout=None) -> None:
+    """Before the long part: recover from a killed run, refuse an --out we must not replace
+    (one holding any input: CKPT_DIR, the base, a run; another input's report without --force)."""
+    inputs = [Path(args.ckpt_dir)] if args.ckpt_dir is not None else []
+    inputs += [Path(p) for _, p in _runs(args)]
+    if layout is None and args.base and Path(args.base).exists():
+        inputs.append(Path(args.base))
+    _prepare(out, inputs, layout, getattr(args, "force", False))
 
 
-def _prepare(ckpt_dir: Path, base: str | None, out: Path, force: bool) -> None:
+def _prepare(out: Path, inputs: list[Path], layout, force: bool) -> None:
     _clean_leftovers(out)
-    _check_out(out, [ckpt_dir] + ([Path(base)] if base else []), force)
+    if layout is not None:
+        inputs = [layout.root, *inputs, layout.base]
+    _check_out(out, inputs, force)
 
 
 def write_report(result, args: argparse.Namespace, out: Path, t_start: float) -> None:
@@ -401,25 +453,28 @@ def make_report(ckpt_dir: str | Path, out: str | Path | None = None, *,
                 progress: bool = True) -> Path:
     """Analyse ``ckpt_dir`` and write the whole report (as ``python -m wda.report``) into
     ``out`` (default ``reports/<name of ckpt_dir>``); returns the folder. Keywords as the
-    CLI options; bad input raises ``WdaError``."""
+    CLI options (``runs`` / ``steps``: only these, as --only-runs / --only-steps); bad input
+    raises ``WdaError``."""
     from wda.analysis import AnalysisOptions, run_analysis
     from wda.errors import pythonic_errors
 
     t_start = time.perf_counter()
-    argv = _argv(ckpt_dir, out, modules=modules, runs=runs, steps=steps, axis=axis, device=device,
-                 dtype=dtype, base=base, fan_in_fan_out=fan_in_fan_out, skip_broken=skip_broken,
-                 bootstrap=bootstrap, permutations=permutations, seed=seed, figures=figures,
-                 relative_dm=relative_dm, force=force)
+    argv = _argv(ckpt_dir, out, modules=modules, only_runs=runs, only_steps=steps, axis=axis,
+                 device=device, dtype=dtype, base=base, fan_in_fan_out=fan_in_fan_out,
+                 skip_broken=skip_broken, bootstrap=bootstrap, permutations=permutations, seed=seed,
+                 figures=figures, relative_dm=relative_dm, force=force)
     with pythonic_errors():
         settings = ReportSettings(n_boot=bootstrap, n_perm=permutations, seed=seed, figures=figures,
                                   relative_dm=relative_dm, force=force, command=tuple(argv))
         options = AnalysisOptions(modules=modules, axis=axis, device=device, dtype=dtype,
                                   base=str(base) if base is not None else None,
                                   fan_in_fan_out=fan_in_fan_out, skip_broken=skip_broken,
-                                  progress=progress, runs=runs, steps=steps)
+                                  progress=progress, only_runs=runs, only_steps=steps)
         out = Path(out) if out is not None else Path("reports") / Path(ckpt_dir).resolve().name
-        _prepare(Path(ckpt_dir), options.base, out, force)
-        result = run_analysis(ckpt_dir, options)
+        _clean_leftovers(out)
+        layout = options.discover(ckpt_dir)  # the input is checked before the output
+        _prepare(out, [Path(ckpt_dir)], layout, force)
+        result = run_analysis(ckpt_dir, options, layout=layout)
         write(result, settings, out, t_start)
     return out
 
@@ -459,8 +514,10 @@ def run(args: argparse.Namespace) -> int:
     out = out_dir(args)
     options = _options(args)
     _settings(args)  # bad --bootstrap / --permutations: before the long part
-    prepare_out(args, out)
-    result = run_analysis(args.ckpt_dir, options)
+    _clean_leftovers(out)  # a killed run's earlier report is put back whatever happens next
+    layout = options.discover(args.ckpt_dir)  # the input is checked before --out
+    prepare_out(args, out, layout)
+    result = run_analysis(args.ckpt_dir, options, layout=layout)
     write_report(result, args, out, t_start)
     announce(result, out, t_start)
     return 0
