@@ -134,7 +134,11 @@ def _setting(d: Mapping, key: str, spec: str | None = None) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, (list, tuple)):
-        return ", ".join(f"`{x}`" for x in v) or NA
+        names = [str(x) for x in v]
+        if any("." in n for n in names):  # full module names: their kinds, and how many
+            kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+            return ", ".join(f"`{k}`" for k in kinds) + f" ({len(names)} modules)"
+        return ", ".join(f"`{x}`" for x in names) or NA
     return format(v, spec) if spec and _isnum(v) else str(v)
 
 

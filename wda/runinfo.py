@@ -8,6 +8,7 @@ missing or unreadable file means "not recorded", never an error.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from dataclasses import fields
 from pathlib import Path
@@ -98,8 +99,13 @@ def _git_top(start: Path) -> Path | None:
     return None
 
 
+def _abs(path: str | Path) -> Path:
+    """Absolute, ".." folded, symlinks kept as given (the path a user typed still reads)."""
+    return Path(os.path.abspath(path))
+
+
 def _rooted(path: str | Path, top: Path | None) -> str:
-    p = Path(path).resolve()
+    p = _abs(path)
     if top is not None and (p == top or top in p.parents):
         return str(p.relative_to(top)) if p != top else "."
     return str(p)
@@ -161,8 +167,8 @@ def reproduce_commands(root: Path, argv: tuple[str, ...] | list[str], out: Path,
     """Shell lines that remake this report from any directory: inside a git checkout they
     start with a ``cd`` to its top and use paths from there, elsewhere absolute paths; the
     ``wda.train`` step comes first when CKPT_DIR was made by it."""
-    top = _git_top(Path.cwd().resolve())
-    if top is not None and top not in root.resolve().parents:
+    top = _git_top(_abs(Path.cwd()))
+    if top is not None and top not in _abs(root).parents:
         top = None  # the data is not in this checkout: absolute paths
     lines = [f'cd "$(git rev-parse --show-toplevel)"  # paths below are relative to the '
              f'repository root'] if top is not None else []
