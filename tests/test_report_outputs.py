@@ -239,3 +239,21 @@ def test_make_report_writes_the_cli_report_from_keywords(pristine, tmp_path, cap
                                    "--modules q_proj --bootstrap 50 --permutations 50")
     with pytest.raises(WdaError, match="bootstrap= must be"):
         wda.make_report(pristine, tmp_path / "bad", bootstrap=-1)
+
+
+def test_runs_table_reads_lr_and_steps_from_a_trainer_state(pristine, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    shutil.copytree(pristine, ck)
+    for step in (10, 20):
+        (ck / "lora" / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({
+            "global_step": step, "max_steps": 40,
+            "log_history": [{"step": s, "learning_rate": lr, "loss": 1.0}
+                            for s, lr in ((5, 2e-4), (10, 3e-4), (20, 1e-4))[: 2 if step == 10 else 3]]}))
+    out = tmp_path / "out"
+    rc, _, err = cli(capsys, *quick(ck, out))
+    assert rc == 0, err
+    lora = next(ln for ln in (out / "report.md").read_text().split("### Runs")[1].splitlines()
+                if ln.startswith("| lora |"))
+    assert lora.endswith("| 0.0003 (peak logged) | 40 |")
+    ft = next(r for r in json.loads((out / "manifest.json").read_text())["runs"] if r["name"] == "ft")
+    assert ft["training"] == {} and ft["adapter"] == {}
