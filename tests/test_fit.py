@@ -14,11 +14,13 @@ from wda.fit import FIT_COLUMNS, bootstrap_r_ci, fit_groups, fit_per_step, fit_x
 
 
 def table(x, y, run="r", method="FT", matrix="q_proj", step=None, layer=None) -> pd.DataFrame:
+    """Points of one group; by default every point is its own layer at one step
+    (independent points)."""
     n = len(x)
     return pd.DataFrame({
         "run": run, "method": method, "matrix": matrix,
-        "step": np.arange(n) if step is None else step,
-        "layer": np.zeros(n, int) if layer is None else layer,
+        "step": np.zeros(n, int) if step is None else step,
+        "layer": np.arange(n) if layer is None else layer,
         "delta_d": np.asarray(x, float), "delta_m": np.asarray(y, float),
     })
 
@@ -37,10 +39,10 @@ def test_recovers_planted_line_within_stderr():
     y = slope * x + intercept + rng.normal(0, 1e-3, x.size)
     fit = fit_groups(table(x, y), n_boot=0).iloc[0]
     assert fit["n"] == 200
-    assert abs(fit["slope"] - slope) < 3 * fit["slope_stderr"]
-    assert abs(fit["intercept"] - intercept) < 3 * fit["intercept_stderr"]
+    assert abs(fit["slope"] - slope) < 3 * fit["slope_stderr_naive"]
+    assert abs(fit["intercept"] - intercept) < 3 * fit["intercept_stderr_naive"]
     # and the stderr is small enough for this to mean something
-    assert fit["slope_stderr"] < abs(slope) / 5
+    assert fit["slope_stderr_naive"] < abs(slope) / 5
 
 
 def test_r_matches_float64_closed_form_and_sign():
@@ -72,6 +74,7 @@ def test_perfect_anticorrelation_gives_minus_one():
     ([2e-6] * 5, [1.0, 2.0, 3.0, 4.0, 5.0], "ΔD constant"),
     ([1.0, 2.0, 3.0, 4.0], [0.1] * 4, "ΔM constant"),
     ([1.0] * 3, [7.0] * 3, "ΔD and ΔM constant"),
+    ([0.0] * 4, [0.0] * 4, "unchanged from base"),
     ([1.0, 2.0, np.nan, np.inf], [1.0, 3.0, 2.0, 0.0], "n < 3"),  # non-finite points dropped
 ])
 def test_undefined_groups_are_nan_with_a_note_and_no_warning(x, y, note):
@@ -79,7 +82,7 @@ def test_undefined_groups_are_nan_with_a_note_and_no_warning(x, y, note):
         warnings.simplefilter("error")  # scipy must not spill Constant/NearConstant warnings
         fit = fit_groups(table(x, y)).iloc[0]
     assert fit["note"] == note
-    for col in ("slope", "intercept", "pearson_r", "p_value", "spearman_rho",
+    for col in ("slope", "intercept", "pearson_r", "p_perm", "p_naive", "spearman_rho",
                 "r_ci_low", "r_ci_high", "r_squared"):
         assert np.isnan(fit[col]), col
     assert fit["n"] == np.isfinite(np.asarray(x) + np.asarray(y)).sum()

@@ -23,14 +23,14 @@ FIGURES = {"Figure 2 (q_proj)": "figure2_q_proj.png",
            "Trajectories": "figs/traj v_proj.png"}
 
 
-def metrics(seed=0) -> pd.DataFrame:
+def metrics(seed=0, layers=3) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     runs = [("ft", "FT"), ("lora", "LoRA"), ("dora", "DoRA"), ("exp|7", "custom")]
     rows = [dict(run=r, method=m, step=s, layer=l, matrix=k,
                  module=f"model.layers.{l}.attn.{k}",
                  delta_d=rng.uniform(1e-6, 1e-4), delta_m=rng.uniform(1e-3, 1e-2),
                  n_vectors=64, n_excluded=0, m0_mean=1.0, axis="out")
-            for r, m in runs for s in (100, 200) for l in range(3) for k in ("q_proj", "v_proj")]
+            for r, m in runs for s in (100, 200) for l in range(layers) for k in ("q_proj", "v_proj")]
     df = pd.DataFrame(rows)
     # one run with a single point per matrix: its fits are undefined (n < 3)
     tiny = df[(df["run"] == "ft") & (df["step"] == 100) & (df["layer"] == 0)]
@@ -116,10 +116,15 @@ def test_minimal_manifest_and_no_figures_still_render():
 
 
 def test_per_step_table_has_every_step_and_run(report):
-    section = report.split("## Cross-layer correlation at each step")[1].split("\n## ")[0]
+    # 3 layers: below the minimum, so no per-step r at all, and the report says why
+    few = report.split("## Cross-layer correlation at each step")[1].split("\n## ")[0]
+    assert "No step has 5 or more layers" in few and "2/n!" in few
+    section = render(metrics(layers=5)).split("## Cross-layer correlation at each step")[1]
+    section = section.split("\n## ")[0]
     for step in (100, 200):
         assert f"| {step} |" in section
-    assert "ft · q_proj" in section and "tiny · v_proj" in section
+    assert "ft · q_proj (n = 5)" in section and "tiny · v_proj (n = 1)" in section
+    assert "not reported (n = 1 < 5)" in section
 
 
 def test_helpers():

@@ -32,3 +32,18 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert images, "the notebook should show its figures"
+
+
+def test_explore_demo_is_committed_with_its_outputs():
+    """Readable on GitHub without running it: every code cell ran, in order, without error,
+    and the figures are there; small enough to keep in the repository."""
+    path = ROOT / "notebooks" / "explore_demo.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
+    assert all(c.outputs for c in code)
+    assert not [o for c in code for o in c.outputs if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for c in code for o in c.outputs) >= 4
+    assert path.stat().st_size < 1_500_000
+    text = "".join(c.source for c in nb.cells)
+    assert "What it trains" in text and "get_peft_model" in text

@@ -54,7 +54,7 @@ def test_one_panel_per_run_in_method_order_with_all_points():
     fig = figure2(df, fit_groups(df, n_boot=0), matrix="q_proj")
     assert isinstance(fig, Figure)
     axes = data_axes(fig)
-    assert [t.split("\n")[0] for t in panel_titles(fig)] == ["FT", "LoRA", "DoRA", "mine (custom)"]
+    assert [t.split("\n")[0] for t in panel_titles(fig)] == ["ft (FT)", "lora (LoRA)", "dora (DoRA)", "mine (custom)"]
     q = df[df["matrix"] == "q_proj"]
     assert sum(len(points(ax)) for ax in axes) == len(q)
     # each panel holds exactly its run's (ΔD, ΔM) points
@@ -116,7 +116,7 @@ def test_single_step_and_single_layer_still_plot():
 def test_runs_argument_picks_and_orders_panels_and_bad_matrix_is_clear():
     df = metrics()
     fig = figure2(df, matrix="q_proj", runs=["mine", "ft"])
-    assert [t.split("\n")[0] for t in panel_titles(fig)] == ["mine (custom)", "FT"]
+    assert [t.split("\n")[0] for t in panel_titles(fig)] == ["mine (custom)", "ft (FT)"]
     with pytest.raises(ValueError, match="c_attn"):
         figure2(df, matrix="c_attn")
 
@@ -133,7 +133,7 @@ def test_fonts_are_legible_and_size_is_paper_like():
     assert 6 <= w <= 8 and 2 <= h <= 3.5
     fig.draw_without_rendering()  # tick labels and offset texts exist only after a draw
     texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
-    assert len(texts) > 20 and min(t.get_fontsize() for t in texts) >= 7
+    assert len(texts) > 20 and min(t.get_fontsize() for t in texts) >= 8
 
 
 def test_trajectories_one_column_per_run_one_line_per_layer():
@@ -143,7 +143,7 @@ def test_trajectories_one_column_per_run_one_line_per_layer():
     assert len(axes) == 2 * 4  # (ΔM, ΔD) rows x 4 runs
     for ax in axes:
         assert len(ax.get_lines()) == 3
-    assert [ax.get_title() for ax in axes[:4]] == ["FT", "LoRA", "DoRA", "mine (custom)"]
+    assert [ax.get_title() for ax in axes[:4]] == ["ft (FT)", "lora (LoRA)", "dora (DoRA)", "mine (custom)"]
 
 
 @pytest.mark.parametrize("ext", ["png", "svg", "pdf"])
@@ -169,3 +169,54 @@ def test_trajectories_against_the_training_loss_leave_out_runs_without_it():
     layer0 = df[(df["run"] == "ft") & (df["matrix"] == "q_proj") & (df["layer"] == 0)].sort_values("step")
     assert list(axes[0].get_lines()[0].get_ydata()) == list(layer0["delta_m"])
     assert list(axes[2].get_lines()[0].get_ydata()) == list(layer0["delta_d"])
+
+
+def test_draws_into_the_callers_axes_or_figure():
+    df = metrics(runs=[("ft", "FT"), ("lora", "LoRA")])
+    user = Figure(figsize=(4, 3))
+    ax = user.subplots()
+    got = figure2(df[df["run"] == "ft"], matrix="q_proj", ax=ax)
+    assert got is user and len(points(ax)) == 4 * 3 and len(regression_lines(ax)) == 1
+    two = Figure()
+    axes = two.subplots(1, 2)
+    figure2(df, matrix="q_proj", ax=axes)
+    assert [len(points(a)) for a in axes] == [12, 12]
+    with pytest.raises(ValueError, match="needs 2 Axes"):
+        figure2(df, matrix="q_proj", ax=ax)
+    filled = Figure()
+    assert figure2(df, matrix="q_proj", fig=filled) is filled and len(data_axes(filled)) == 2
+    traj = Figure()
+    grid = traj.subplots(2, 2)
+    assert trajectories(df, "q_proj", ax=grid) is traj
+    assert all(len(a.get_lines()) == 4 for a in grid.ravel())
+
+
+def test_default_matrix_is_a_kind_present_and_unknown_runs_are_rejected():
+    gpt2 = metrics(runs=[("ft", "FT")], matrices=("c_attn", "c_proj"))
+    fig = figure2(gpt2)  # no q_proj in a GPT-2 table
+    assert "c_attn" in fig.get_suptitle()
+    assert "q_proj" in figure2(metrics()).get_suptitle()
+    assert "c_attn" in trajectories(gpt2).get_suptitle()
+    with pytest.raises(ValueError, match="nope"):
+        figure2(metrics(), runs=["ft", "nope"])
+    with pytest.raises(ValueError, match="nope"):
+        trajectories(metrics(), runs=["nope"])
+
+
+def test_axis_in_title_and_relative_magnitude_option():
+    df = metrics(runs=RUNS[:1]).assign(axis="in", m0_mean=2.0)
+    df["delta_m_rel"] = df["delta_m"] / df["m0_mean"]
+    fig = figure2(df, matrix="q_proj", y="delta_m_rel")
+    assert "(axis in)" in fig.get_suptitle()
+    ax = data_axes(fig)[0]
+    assert "relative" in ax.get_ylabel()
+    q = df[df["matrix"] == "q_proj"]
+    np.testing.assert_allclose(np.sort(points(ax)[:, 1]), np.sort(q["delta_m"] / 2.0))
+    # the line is the fit of what is drawn: slope halves with y
+    (line,) = regression_lines(ax)
+    xs, ys = line.get_data()
+    slope = np.polyfit(q["delta_d"], q["delta_m"] / 2.0, 1)[0]
+    assert (ys[1] - ys[0]) / (xs[1] - xs[0]) == pytest.approx(slope, rel=1e-9)
+    both = pd.concat([df, df.assign(axis="out")])
+    with pytest.raises(ValueError, match="both axes"):
+        figure2(both, matrix="q_proj")

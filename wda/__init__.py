@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["analyze", "plan", "Tracker", "__version__"]
+__all__ = ["analyze", "plan", "make_report", "Tracker", "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,4 +17,8 @@ def __getattr__(name: str):
         from wda.tracker import Tracker
 
         return Tracker
+    if name == "make_report":
+        from wda.report import make_report
+
+        return make_report
     raise AttributeError(f"module 'wda' has no attribute {name!r}")

@@ -16,13 +16,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Iterator
 
 import pandas as pd
 import torch
 
 from wda.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
-from wda.errors import WdaError
+from wda.errors import WdaError, pythonic_errors
 from wda.formats import HandleCache
 from wda.layout import Layout, ModuleInfo, Run, discover
 from wda.prefetch import prefetched, stage
@@ -31,7 +32,7 @@ from wda.trainer_state import LOG_COLUMNS
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["run", "method", "step", "module", "layer", "matrix", *MEASUREMENT_FIELDS,
-                  "axis", "stack", *LOG_COLUMNS]
+                  "delta_m_rel", "axis", "stack", *LOG_COLUMNS]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -49,10 +50,17 @@ class AnalysisOptions:
     skip_broken: bool = False
     progress: bool | None = None  # None: a bar only when stderr is a terminal (tqdm's convention)
     prefetch: int = 2  # matrices read ahead of the one being measured
+    only_runs: tuple[str, ...] | None = None  # of the runs found, only these (by name)
+    only_steps: tuple[int, ...] | None = None  # only these steps
 
     def __post_init__(self) -> None:
         runs = self.runs.items() if isinstance(self.runs, dict) else self.runs
         object.__setattr__(self, "runs", tuple((str(n), str(p)) for n, p in runs))
+        object.__setattr__(self, "modules", module_patterns(self.modules))
+        if self.only_runs is not None:
+            object.__setattr__(self, "only_runs", _names(self.only_runs, "runs"))
+        if self.only_steps is not None:
+            object.__setattr__(self, "only_steps", _steps(self.only_steps))
         if self.axis not in AXES:
             raise WdaError(None, f"--axis must be one of {', '.join(AXES)}, not {self.axis!r}")
         if self.dtype not in DTYPES:
@@ -62,6 +70,89 @@ class AnalysisOptions:
         """What these options analyse in ``ckpt_dir`` (headers only)."""
         return discover(ckpt_dir, base=self.base, modules=list(self.modules or []) or None,
                         fan_in_fan_out=self.fan_in_fan_out, skip_broken=self.skip_broken, runs=self.runs)
+
+
+def module_patterns(modules: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """Module patterns as the CLI takes them: a string is a comma list ("q_proj,v_proj"), a
+    list or tuple holds one pattern per item. None: the default modules."""
+    if modules is None:
+        return None
+    items = modules.split(",") if isinstance(modules, str) else list(modules)
+    if not all(isinstance(m, str) for m in items):
+        raise WdaError(None, f"--modules must be name suffixes or regular expressions (strings), "
+                             f"not {modules!r}")
+    out = tuple(m.strip() for m in items if m.strip())
+    if not out:  # "--modules ''" must not quietly mean "the default modules"
+        raise WdaError(None, f"--modules {modules!r} names no module",
+                       "give comma-separated name suffixes (q_proj) or regular expressions")
+    return out
+
+
+def _names(value: str | Sequence[str], what: str) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = tuple(str(v).strip() for v in items if str(v).strip())
+    if not out:
+        raise WdaError(None, f"{what} {value!r} names no run")
+    return out
+
+
+def _steps(value: int | str | Sequence[int]) -> tuple[int, ...]:
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else list(value)
+    try:
+        out = tuple(sorted({int(str(v).strip()) for v in items if str(v).strip()}))
+    except ValueError:
+        raise WdaError(None, f"steps {value!r} is not a list of integer steps") from None
+    if not out:
+        raise WdaError(None, f"steps {value!r} names no step")
+    return out
+
+
+def select(layout: Layout, runs: Sequence[str] | None, steps: Sequence[int] | None) -> Layout:
+    """Keep only the named runs and steps (in place; returns the layout). Names or steps
+    that are not there are an error listing what is."""
+    if runs is not None:
+        have = [r.name for r in layout.runs]
+        unknown = [r for r in runs if r not in have]
+        if unknown:
+            raise WdaError(layout.root, f"no run named {', '.join(map(repr, unknown))}",
+                           f"runs here: {', '.join(have)}")
+        layout.runs = [r for r in layout.runs if r.name in runs]
+    if steps is not None:
+        have = sorted({s for r in layout.runs for s in r.steps})
+        unknown = [s for s in steps if s not in have]
+        if unknown:
+            raise WdaError(layout.root, f"no checkpoint at step {', '.join(map(str, unknown))}",
+                           f"steps here: {', '.join(map(str, have))}")
+        for run in layout.runs:
+            run.steps = {s: p for s, p in run.steps.items() if s in steps}
+        layout.runs = [r for r in layout.runs if r.steps]
+    if not layout.module_pairs():
+        raise WdaError(layout.root, "no selected run changes the selected modules",
+                       "check --modules, --only-runs and --only-steps")
+    return layout
+
+
+def measurement_count(layout: Layout) -> int:
+    """Checkpoint matrices to measure (each against its base matrix): the dry run's count
+    and the progress bar's total."""
+    return sum(len(r.steps) for _, r in layout.module_pairs())
+
+
+def discover_selected(ckpt_dir: str | Path | None, options: AnalysisOptions) -> Layout:
+    """``options.discover``, then ``select`` of the options' runs and steps."""
+    return select(options.discover(ckpt_dir), options.only_runs, options.only_steps)
+
+
+def _runs_argument(runs) -> tuple[object, object]:
+    """``runs=`` of the Python API: a dict {name: folder} or (name, folder) pairs give the
+    runs one by one; a name or a list of names selects among the runs found.
+    Returns (runs given, names selected)."""
+    if runs is None:
+        return (), None
+    if isinstance(runs, dict) or (not isinstance(runs, str) and all(
+            isinstance(r, (tuple, list)) and len(r) == 2 for r in runs) and len(runs)):
+        return runs, None
+    return (), runs
 
 
 @dataclass
@@ -83,7 +174,8 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise WdaError(None, f"--device {name!r} is not a device (use auto, cpu or cuda)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WdaError(None, "--device cuda was asked for but no CUDA device is available")
+        raise WdaError(None, f"--device {name!r} was asked for but no CUDA device is available",
+                       "use --device cpu (or auto) on a machine without a GPU")
     return dev
 
 
@@ -283,7 +375,8 @@ def run_analysis(ckpt_dir: str | Path | None, options: AnalysisOptions = Analysi
     """Discover, check and measure everything; the full result with its provenance.
     ``layout``: what ``options.discover(ckpt_dir)`` found, if already called."""
     t0 = time.perf_counter()
-    layout = layout if layout is not None else options.discover(ckpt_dir)
+    layout = select(layout if layout is not None else options.discover(ckpt_dir),
+                    options.only_runs, options.only_steps)
     dev = resolve_device(options.device)
     dtype = DTYPES[options.dtype]
     items = list(_work_items(layout))
@@ -294,10 +387,12 @@ def run_analysis(ckpt_dir: str | Path | None, options: AnalysisOptions = Analysi
     work = _Measurer(options, dev, dtype)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(items), desc="wda: measuring", unit="matrix", disable=None if options.progress is None else not options.progress)
+    bar = tqdm(total=measurement_count(layout), desc="wda: measuring", unit="matrix",
+               disable=None if options.progress is None else not options.progress)
     try:
         for item, data in prefetched(items, _reader(cache, dev), options.prefetch, _is_full):
-            bar.update(1)
+            if item.run is not None:  # base matrices are read, not measured
+                bar.update(1)
             work.take(item, data)
             del data
         work.flush()
@@ -335,34 +430,52 @@ def _logged(item: _Item) -> dict[str, float | None]:
 def _table(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=METRIC_COLUMNS + ["_path"]).drop(columns="_path")
     df = df.astype({"step": "int64", "layer": "int64", "n_vectors": "int64", "n_excluded": "int64"})
+    # ΔM relative to the base norm: comparable across layers and methods (weight units cancel)
+    m0 = df["m0_mean"].astype("float64")
+    df["delta_m_rel"] = (df["delta_m"] / m0).where(m0 > 0)
     order = {m: i for i, m in enumerate(("FT", "LoRA", "DoRA"))}
     df["_m"] = df["method"].map(order).fillna(len(order))
     df = df.sort_values(["_m", "run", "matrix", "stack", "layer", "module", "step"], kind="stable")
     return df.drop(columns="_m").reset_index(drop=True)
 
 
-def analyze(ckpt_dir: str | Path | None, modules: list[str] | tuple[str, ...] | None = None,
+def analyze(ckpt_dir: str | Path | None, modules: str | Sequence[str] | None = None,
             axis: str = "out", device: str = "auto", dtype: str = "float32",
-            base: str | Path | None = None, **kwargs) -> pd.DataFrame:
+            base: str | Path | None = None, runs=None, steps: int | Sequence[int] | None = None,
+            return_result: bool = False, **kwargs) -> pd.DataFrame | AnalysisResult:
     """ΔM (Eq. 3) and ΔD (Eq. 4) per (run, step, module) of a checkpoint directory (a folder
     of runs or one Trainer output_dir; None with ``runs={name: folder}``).
 
-    ``modules``: name suffixes (``q_proj``) or regular expressions; default: the modules
-    the adapters target, else the attention query/value projections. ``axis="out"``: one
-    magnitude per output feature, as in DoRA/PEFT. Other keywords: ``AnalysisOptions``.
+    ``modules``: name suffixes (``"q_proj"``) or regular expressions matching whole names,
+    as a comma list (``"q_proj,v_proj"``) or a list; default: the modules the adapters
+    target, else the attention query/value projections. ``runs``: a name or list of names
+    selects among the runs found; a dict {name: folder} gives the runs one by one.
+    ``steps``: only these steps. ``axis="out"``: one magnitude per output feature, as in DoRA/PEFT.
+    Other keywords: ``AnalysisOptions`` (``skip_broken``, ``fan_in_fan_out``, ``progress``).
+    Returns the tidy table, or with ``return_result=True`` the ``AnalysisResult`` (table,
+    layout, options, device, skipped checkpoints).
     """
-    opts = AnalysisOptions(modules=tuple(modules) if modules else None, axis=axis, device=device,
-                           dtype=dtype, base=str(base) if base is not None else None, **kwargs)
-    return run_analysis(ckpt_dir, opts).metrics
+    with pythonic_errors():
+        given, only = _runs_argument(runs)
+        opts = AnalysisOptions(modules=modules, axis=axis, device=device, dtype=dtype,
+                               base=str(base) if base is not None else None, runs=given,
+                               only_runs=only, only_steps=steps, **kwargs)
+        result = run_analysis(ckpt_dir, opts)
+    return result if return_result else result.metrics
 
 
-def plan(ckpt_dir: str | Path | None, modules: list[str] | tuple[str, ...] | None = None,
+def plan(ckpt_dir: str | Path | None, modules: str | Sequence[str] | None = None,
          base: str | Path | None = None, fan_in_fan_out: bool | None = None,
-         skip_broken: bool = False, runs=()) -> pd.DataFrame:
-    """Dry run (headers only): one row per (run, step, module) that would be measured."""
-    layout = discover(ckpt_dir, base=base, modules=list(modules) if modules else None,
-                      fan_in_fan_out=fan_in_fan_out, skip_broken=skip_broken,
-                      runs=runs.items() if isinstance(runs, dict) else runs)
+         skip_broken: bool = False, runs=None, steps: int | Sequence[int] | None = None
+         ) -> pd.DataFrame:
+    """Dry run (headers only): one row per (run, step, module) that would be measured.
+    ``runs`` and ``steps`` as in ``analyze``."""
+    with pythonic_errors():
+        given, only = _runs_argument(runs)
+        opts = AnalysisOptions(modules=modules, base=str(base) if base is not None else None,
+                               fan_in_fan_out=fan_in_fan_out, skip_broken=skip_broken,
+                               runs=given, only_runs=only, only_steps=steps)
+        layout = discover_selected(ckpt_dir, opts)
     rows = [{"run": r.name, "method": r.method, "step": s, "module": m.name, "layer": m.layer,
              "matrix": m.matrix, "out_features": m.out_features, "in_features": m.in_features,
              "transposed": m.transposed, "path": str(p)}

@@ -211,12 +211,12 @@ def sharded_analysis(ckpt_dir: str | Path, options, env: DistEnv):
 
     Raises the same error on every rank if any rank fails.
     """
-    from wda.analysis import run_analysis
+    from wda.analysis import discover_selected, run_analysis
 
     t0 = time.perf_counter()
     layout, err = None, None
     try:  # headers only, on every rank: the same call run_analysis makes, all modules
-        layout = options.discover(ckpt_dir)
+        layout = discover_selected(ckpt_dir, options)
     except Exception as exc:
         err = exc
     agree(err)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -19,3 +22,23 @@ class WdaError(Exception):
     def with_hint(self, extra: str) -> "WdaError":
         """The same error with ``extra`` added to what to do."""
         return WdaError(self.path, self.problem, f"{self.hint}; {extra}" if self.hint else extra)
+
+
+# CLI flags in a message, and what a Python caller passes instead.
+_FLAG_RE = re.compile(r"--([a-z][a-z0-9-]*)(?: PATH| (?=['\"]))?")
+_SWITCHES = {"skip-broken": "skip_broken=True", "force": "force=True", "dry-run": "wda.plan()"}
+
+
+def pythonic(text: str) -> str:
+    """``text`` with CLI flags named as keyword arguments (--skip-broken -> skip_broken=True,
+    --modules -> modules=, --base PATH -> base=)."""
+    return _FLAG_RE.sub(lambda m: _SWITCHES.get(m[1], m[1].replace("-", "_") + "="), text)
+
+
+@contextmanager
+def pythonic_errors() -> Iterator[None]:
+    """Re-raise a WdaError from the Python API with keyword arguments for CLI flags."""
+    try:
+        yield
+    except WdaError as err:
+        raise WdaError(err.path, pythonic(err.problem), pythonic(err.hint)) from None

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from wda.formats import METHOD_ORDER, Checkpoint, TensorInfo, formats, open_checkpoint
 from wda.formats.base import CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES
+from wda.formats.peft import ADAPTER_CONFIG
 from wda.errors import WdaError
 from wda.formats.tensors import present
 from wda.hub import cached_snapshot, describe, parse_hub_id
@@ -427,6 +428,14 @@ def _transposed_modules(base: Checkpoint, runs: list[Run], opened: dict[Path, Ch
                         base_mods: dict, override: bool | None) -> set[str]:
     """Modules stored (in, out): GPT-2 style Conv1D. Told by the user, by adapters with
     ``fan_in_fan_out`` in the same directory, or by the base's config.json model type."""
+    if override is False:  # an adapter saved with fan_in_fan_out says its base is (in, out)
+        for run in runs:
+            for path in run.steps.values():
+                if getattr(opened[path], "fan_in_fan_out", False):
+                    cfg = path / ADAPTER_CONFIG
+                    raise WdaError(cfg if cfg.is_file() else path, "says fan_in_fan_out: true (weights stored "
+                                   "(in, out), GPT-2 Conv1D) but --fan-in-fan-out no says they are not",
+                                   "the flag contradicts the adapter config: drop it (auto) or use yes")
     if override is not None:
         return set(base_mods) if override else set()
     out: set[str] = set()
@@ -448,17 +457,7 @@ def _select_modules(base_mods: dict, runs: list[Run], patterns: list[str] | None
         for pat in patterns:
             hit = [b for b in base_mods if matches(b, pat)]
             if not hit:
-                # an example from this model: an attention query/value inside a block, if any
-                example = min(base_mods, key=lambda b: (parse_name(b)[1] not in DEFAULT_TARGETS,
-                                                        parse_name(b)[0] < 0, b))
-                problem = f"--modules {pat!r} matches no 2-D weight in the base checkpoint"
-                try:
-                    re.compile(pat)
-                except re.error as exc:
-                    problem += f" and is not a valid regular expression ({exc})"
-                raise WdaError(base.source, problem,
-                               f"give name suffixes such as {parse_name(example)[1]!r} or regular "
-                               f"expressions matching whole names such as {example!r}")
+                raise _no_match(pat, base_mods, base.source)
             names += [h for h in hit if h not in names]
     else:
         names = sorted({b for r in runs for b in r.adapter_names})
@@ -475,6 +474,27 @@ def _select_modules(base_mods: dict, runs: list[Run], patterns: list[str] | None
         layer, matrix, stack = parse_name(n)
         infos.append(ModuleInfo(n, out_f, in_f, n in transposed, layer, matrix, stack))
     return sorted(infos, key=lambda m: (m.matrix, m.stack, m.layer, m.name))
+
+
+def _no_match(pat: str, base_mods: dict, where: Path) -> WdaError:
+    """The error for a module pattern that matches nothing: the pattern as typed, and a form
+    of it that does match (a regex searched inside the name must match it whole)."""
+    problem = f"--modules '{pat}' matches no 2-D weight in the base checkpoint"
+    try:
+        re.compile(pat)
+    except re.error as exc:
+        return WdaError(where, f"{problem} and is not a valid regular expression ({exc})",
+                        f"escape special characters, e.g. '{re.escape(pat)}'")
+    for form in (f".*{pat}", f"{pat}.*", f".*{pat}.*"):
+        hits = [b for b in base_mods if re.fullmatch(form, b)]
+        if hits:
+            return WdaError(where, problem, f"a regular expression must match the whole name: "
+                                            f"'{form}' matches {len(hits)}, e.g. {hits[0]}")
+    # an example from this model: an attention query/value inside a block, if any
+    example = min(base_mods, key=lambda b: (parse_name(b)[1] not in DEFAULT_TARGETS,
+                                            parse_name(b)[0] < 0, b))
+    return WdaError(where, problem, f"give name suffixes such as '{parse_name(example)[1]}' or regular "
+                                    f"expressions matching whole names such as '{re.escape(example)}'")
 
 
 def _validate(layout: Layout, opened: dict[Path, Checkpoint], broken: Broken) -> None:

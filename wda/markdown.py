@@ -18,7 +18,7 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-from wda.fit import METHOD_ORDER, ordered_runs
+from wda.fit import METHOD_ORDER, MIN_LAYERS_PER_STEP, ordered_runs
 
 # Paper, Sec. 4.1 (discussing Fig. 2): correlation between ΔD and ΔM of the query
 # matrices of VL-BART. No numbers are given for the value matrices (Fig. 6).
@@ -34,6 +34,15 @@ AXIS_TEXT = {
     "in": "`in`: one magnitude per input feature (norm over dim=0 of the (out, in) weight)",
 }
 NA = "—"
+COLUMNS_TEXT = (
+    "Columns of `metrics.csv`: `delta_d` is 1 − cos between a vector and its base vector, "
+    "averaged over the vectors of the matrix (dimensionless, 0 = same direction, 2 = opposite; "
+    "not an angle: 1 − cos θ ≈ θ²/2 for small θ); `delta_m` is the mean |‖v‖ − ‖v_0‖| in "
+    "the units of the weights; `m0_mean` the mean base norm ‖v_0‖ and `delta_m_rel` = "
+    "`delta_m` / `m0_mean` (dimensionless, comparable across layers and methods); `stack` "
+    "is the module name before the layer index (`model.layers`, `encoder.layer`), so that "
+    "an encoder's and a decoder's layer 3 stay apart; `n_vectors` / `n_excluded` count the "
+    "vectors and the zero-norm ones left out; `axis` says which vectors (rows or columns).")
 
 
 # ---------------------------------------------------------------- formatting helpers
@@ -50,7 +59,10 @@ def fmt_r(r: object, note: object = "") -> str:
     """A correlation with its sign (+0.83), or "undefined (reason)" -- never "nan"."""
     if _isnum(r):
         return format(float(r), "+.2f")
+    if note == "unchanged from base":  # nothing moved: not a failed fit
+        return note
     return f"undefined ({note})" if isinstance(note, str) and note else "undefined"
+
 
 
 def _cell(v: object) -> str:
@@ -101,13 +113,72 @@ def _inputs_section(metrics: pd.DataFrame, manifest: Mapping) -> str:
     out += [f"- Note: {note}" for note in manifest.get("notes") or []]
     out += ["", "Each point is ΔM (paper Eq. 3, mean |m_t − m_0| over vectors) and ΔD "
             "(Eq. 4, mean 1 − cos(W_t, W_0)) of one module at one checkpoint, against the "
-            "base weights.", ""]
-    runs = ordered_runs(metrics) if len(metrics) else []
-    method = _method_of(metrics)
-    rows = [(r, method[r], _steps_text(metrics.loc[metrics["run"] == r, "step"].unique()))
-            for r in runs]
-    out += ["### Runs", "", table(["run", "method", "steps"], rows), ""]
+            "base weights.", "", COLUMNS_TEXT, ""]
+    out += ["### Runs", "", *_runs_lines(metrics, manifest.get("runs")), ""]
     return "\n".join(out + _excluded_lines(metrics) + _skipped_lines(manifest.get("skipped")))
+
+
+def _layers_text(layers: Sequence[int]) -> str:
+    layers = sorted(int(x) for x in layers)
+    if not layers:
+        return NA
+    if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+        return f"{layers[0]}–{layers[-1]}"
+    return ", ".join(map(str, layers))
+
+
+def _setting(d: Mapping, key: str, spec: str | None = None) -> str:
+    v = d.get(key) if isinstance(d, Mapping) else None
+    if v is None:
+        return NA
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (list, tuple)):
+        names = [str(x) for x in v]
+        if any("." in n for n in names):  # full module names: their kinds, and how many
+            kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+            return ", ".join(f"`{k}`" for k in kinds) + f" ({len(names)} modules)"
+        return ", ".join(f"`{x}`" for x in names) or NA
+    return format(v, spec) if spec and _isnum(v) else str(v)
+
+
+def run_order(metrics: pd.DataFrame, runs: object = None) -> list[str]:
+    """The one run order of every table: FT, LoRA, DoRA, others, then by name -- over the
+    runs of the manifest (also those without a row) or of the table."""
+    if isinstance(runs, list) and runs and all(isinstance(r, Mapping) for r in runs):
+        frame = pd.DataFrame({"run": [str(r.get("name")) for r in runs],
+                              "method": [str(r.get("method")) for r in runs]})
+        return ordered_runs(frame)
+    return ordered_runs(metrics) if len(metrics) else []
+
+
+def _runs_lines(metrics: pd.DataFrame, runs: object) -> list[str]:
+    """The runs table: what each run is, what it covers, how it was trained (when known)."""
+    if not (isinstance(runs, list) and runs and all(isinstance(r, Mapping) for r in runs)):
+        method = _method_of(metrics)
+        rows = [(r, method[r], _steps_text(metrics.loc[metrics["run"] == r, "step"].unique()))
+                for r in run_order(metrics)]
+        return [table(["run", "method", "steps"], rows)]
+    by_name = {str(r.get("name")): r for r in runs}
+    rows = []
+    for name in run_order(metrics, runs):
+        r = by_name[name]
+        ad, tr = r.get("adapter") or {}, r.get("training") or {}
+        n_mod = r.get("modules")
+        covers = ("none of the selected modules" if n_mod == 0 else
+                  f"{n_mod} ({', '.join(f'`{m}`' for m in r.get('matrices') or [])})"
+                  if n_mod is not None else NA)
+        lr = _setting(tr, "lr", ".3g") if "lr" in tr else (
+            f"{_setting(tr, 'lr_peak_logged', '.3g')} (peak logged)" if "lr_peak_logged" in tr else NA)
+        rows.append((name, r.get("method", NA), _steps_text(r.get("steps") or []), covers,
+                     _layers_text(r.get("layers") or []), _setting(ad, "r"), _setting(ad, "lora_alpha"),
+                     _setting(ad, "use_rslora"), _setting(ad, "target_modules"),
+                     _setting(ad, "lora_dropout"), lr, _setting(tr, "steps")))
+    return [table(["run", "method", "checkpoint steps", "modules covered", "layers", "r", "alpha",
+                   "rsLoRA", "targets", "dropout", "lr", "training steps"], rows),
+            "", "r, alpha, rsLoRA, targets and dropout are read from each run's last "
+            "adapter_config.json (— for full weights); lr and training steps from "
+            "trainer_state.json or CKPT_DIR/train_log.json, when present."]
 
 
 def _excluded_lines(metrics: pd.DataFrame) -> list[str]:
@@ -117,7 +188,9 @@ def _excluded_lines(metrics: pd.DataFrame) -> list[str]:
     agg = hit.groupby(["run", "module"], sort=True).agg(
         steps=("step", "nunique"), excluded=("n_excluded", "max"),
         vectors=("n_vectors", "max") if "n_vectors" in hit else ("n_excluded", "size"))
-    rows = [(run, f"`{mod}`", r.steps, r.excluded, r.vectors) for (run, mod), r in agg.iterrows()]
+    rank = {r: i for i, r in enumerate(run_order(metrics))}  # the runs table's order
+    rows = [(run, f"`{mod}`", r.steps, r.excluded, r.vectors) for (run, mod), r in
+            sorted(agg.iterrows(), key=lambda kv: (rank.get(kv[0][0], len(rank)), kv[0][1]))]
     return ["### Excluded zero-norm vectors", "",
             "Vectors with zero norm have no direction; they were left out of ΔD and ΔM.", "",
             table(["run", "module", "steps affected", "max excluded", "vectors"], rows,
@@ -132,25 +205,56 @@ def _skipped_lines(skipped: object) -> list[str]:
     return ["### Skipped checkpoints", "", *items, ""]
 
 
+def _ci(low: object, high: object, spec: str = "+.2f") -> str:
+    return f"[{fmt(low, spec)}, {fmt(high, spec)}]" if _isnum(low) else NA
+
+
+def inference_text(fits: pd.DataFrame) -> str:
+    """What the CI and p of the fits tables are, in words, with the resample counts used."""
+    n_boot = int(fits["n_boot"].iloc[0]) if "n_boot" in fits and len(fits) else 0
+    used = fits[fits["n_perm"] > 0] if "n_perm" in fits else fits.iloc[:0]
+    exact = [int(u) == math.factorial(int(g)) for u, g in zip(used["n_perm"], used["n_layers"])]
+    level = float(fits["ci_level"].iloc[0]) if "ci_level" in fits and len(fits) else 0.95
+    boot = (f"a percentile bootstrap over layers ({n_boot} resamples, each drawing as many "
+            "layers as there are, with replacement, with all their steps)" if n_boot > 0
+            else "not computed (no CI: 0 bootstrap resamples)")
+    if used.empty:
+        perm = "not computed (0 permutations)"
+    elif all(exact):
+        perm = "an exact two-sided permutation p-value (all G! pairings of the G layers)"
+    else:
+        perm = (f"a two-sided permutation p-value ({int(used['n_perm'].max())} seeded random "
+                "pairings of the layers, or all G! when fewer)")
+    return (f"Each layer is measured at several steps, so the points are repeated measures, not "
+            f"independent: the layer (one module) is the resampling unit. The {level:.0%} CIs of r "
+            f"and of the slope are {boot}. p is {perm} that permutes the layers' ΔM trajectories "
+            "between layers, step aligned with step. Its null: which layer's ΔM trajectory goes "
+            "with which layer's ΔD trajectory does not matter. Every permutation keeps each "
+            "layer's own course over the steps, so a pooled r made only of the growth that all "
+            "layers share over training is not significant, and with G layers p ≥ 2/G! (0.083 for "
+            "4 layers). A CI that excludes 0 beside a large p says that r is reliably of its sign "
+            "but through that shared growth, not through which layer changes more. The columns "
+            "marked *naive* treat every point as independent (t-test p, "
+            "bootstrap over points): shown for comparison only, they overstate the certainty.")
+
+
 def _fits_section(fits: pd.DataFrame) -> str:
     level = fits["ci_level"].iloc[0] if "ci_level" in fits and len(fits) else 0.95
-    n_boot = fits["n_boot"].iloc[0] if "n_boot" in fits and len(fits) else None
-    ci_head = f"{level:.0%} CI of r"
-    rows = [(f.run, f.method, f.matrix, f.n, fmt_r(f.pearson_r, f.note),
-             f"[{fmt(f.r_ci_low, '+.2f')}, {fmt(f.r_ci_high, '+.2f')}]"
-             if _isnum(f.r_ci_low) else NA,
-             fmt(f.p_value, ".2g"), fmt(f.spearman_rho, "+.2f"), fmt(f.slope), fmt(f.intercept))
+    rows = [(f.run, f.method, f.matrix, f.n, f.n_layers, fmt_r(f.pearson_r, f.note),
+             _ci(f.r_ci_low, f.r_ci_high), fmt(f.p_perm, ".2g"), fmt(f.spearman_rho, "+.2f"),
+             fmt(f.slope), _ci(f.slope_ci_low, f.slope_ci_high, ".3g"), fmt(f.intercept),
+             fmt(f.p_naive, ".2g"), _ci(f.r_ci_low_naive, f.r_ci_high_naive))
             for f in fits.itertuples()]
-    boot = f"{n_boot} resamples" if n_boot else "resamples"
     return "\n".join([
         "## Fits: ΔM against ΔD, pooled over layers and steps", "",
         "`slope` and `intercept` are the least-squares line ΔM = slope · ΔD + intercept "
-        "(units of ΔM per ΔD); `r` is the Pearson correlation with its two-sided p-value; "
-        f"the CI is a percentile bootstrap over points ({boot}); ρ is Spearman's rank "
+        "(units of ΔM per ΔD); `r` is the Pearson correlation and ρ Spearman's rank "
         "correlation. A slope is not a correlation.", "",
-        table(["run", "method", "matrix", "n", "Pearson r", ci_head, "p", "Spearman ρ",
-               "slope", "intercept"], rows,
-              [False, False, False, True, True, True, True, True, True, True]), ""])
+        inference_text(fits), "",
+        table(["run", "method", "matrix", "points", "layers", "Pearson r",
+               f"{level:.0%} CI of r (layers)", "p (layer permutation)", "Spearman ρ", "slope",
+               f"{level:.0%} CI of slope (layers)", "intercept", "naive p", "naive CI of r"],
+              rows, [False, False, False, *[True] * 11]), ""])
 
 
 def _paper_section(fits: pd.DataFrame) -> str:
@@ -177,11 +281,25 @@ def _paper_section(fits: pd.DataFrame) -> str:
                                   rows, [False, False, False, True, True, False]), ""])
 
 
+def _short_note(note: object) -> str:
+    """A per-step cell's reason: "not reported (n = 4 < 5)" rather than the whole note."""
+    note = note if isinstance(note, str) else ""
+    return note.split(":")[0] if note.startswith("n = ") else note
+
+
+def _per_step_cell(r: object, note: object) -> str:
+    if not _isnum(r) and isinstance(note, str) and note.startswith("n = "):
+        return f"not reported ({_short_note(note)})"
+    return fmt_r(r, note)
+
+
 def _per_step_section(fits: pd.DataFrame, per_step: pd.DataFrame | None) -> str:
     head = ["## Cross-layer correlation at each step", "",
             "Within one step, the points are the layers. This correlation can differ in "
             "sign from the pooled one (the layers move together over training), so both "
-            "are shown.", ""]
+            f"are shown. It is reported only with at least {MIN_LAYERS_PER_STEP} layers: over n "
+            "layers the exact permutation test of r has n! pairings, so even r = ±1 has a "
+            f"two-sided p ≥ 2/n!, which is 0.083 for 4 layers and 0.017 for 5.", ""]
     if per_step is None or per_step.empty:
         return "\n".join(head + ["Not computed.", ""])
     summary, columns = [], {}
@@ -189,18 +307,25 @@ def _per_step_section(fits: pd.DataFrame, per_step: pd.DataFrame | None) -> str:
         ps = per_step[(per_step["run"] == f.run) & (per_step["matrix"] == f.matrix)]
         r = ps["pearson_r"].to_numpy(dtype=float)
         ok = np.isfinite(r)
-        same = int((np.sign(r[ok]) == np.sign(f.pearson_r)).sum()) if _isnum(f.pearson_r) else NA
+        same = (int((np.sign(r[ok]) == np.sign(f.pearson_r)).sum())
+                if _isnum(f.pearson_r) and ok.any() else NA)
         median = fmt(np.median(r[ok]), "+.2f") if ok.any() else NA
-        summary.append((f.run, f.matrix, fmt_r(f.pearson_r, f.note), median, same,
+        layers = sorted(set(ps["n"])) if "n" in ps and len(ps) else []
+        n_text = "/".join(map(str, layers)) or NA
+        summary.append((f.run, f.matrix, n_text, fmt_r(f.pearson_r, f.note), median, same,
                         int(ok.sum()), len(r)))
-        columns[f"{f.run} · {f.matrix}"] = {s: fmt_r(v, n) for s, v, n in
-                                              zip(ps["step"], ps["pearson_r"], ps["note"])}
+        columns[f"{f.run} · {f.matrix} (n = {n_text})"] = {
+            s: _per_step_cell(v, n) for s, v, n in zip(ps["step"], ps["pearson_r"], ps["note"])}
     steps = sorted(set(per_step["step"]))
     pivot = [(s, *(col.get(s, NA) for col in columns.values())) for s in steps]
+    head.append(table(["run", "matrix", "layers per step", "pooled r", "median per-step r",
+                       "steps with pooled sign", "reported steps", "steps"], summary,
+                      [False, False, True, True, True, True, True, True]))
+    if not np.isfinite(per_step["pearson_r"].to_numpy(dtype=float)).any():
+        return "\n".join(head + ["", f"No step has {MIN_LAYERS_PER_STEP} or more layers of one "
+                                      "matrix kind: no per-step r is reported.", ""])
     return "\n".join(head + [
-        table(["run", "matrix", "pooled r", "median per-step r", "steps with pooled sign",
-               "defined steps", "steps"], summary, [False, False, True, True, True, True, True]),
-        "", "Pearson r across layers, per step:", "",
+        "", "Pearson r across layers, per step (n = layers):", "",
         table(["step", *columns], pivot, [True] * (len(columns) + 1)), ""])
 
 
@@ -263,8 +388,11 @@ def _reproduce_section(manifest: Mapping) -> str:
     cmd = manifest.get("command")
     if isinstance(cmd, (list, tuple)):
         cmd = shlex.join(str(c) for c in cmd)
+    lines = manifest.get("reproduce")
+    if not (isinstance(lines, list) and lines):
+        lines = [cmd or "# command not recorded"]
     versions = manifest.get("versions") or {}
-    out = ["## How to reproduce", "", "```bash", cmd or "# command not recorded", "```", "",
+    out = ["## How to reproduce", "", "```bash", *map(str, lines), "```", "",
            "## Versions", ""]
     if versions:
         out.append(table(["package", "version"], sorted(versions.items())))

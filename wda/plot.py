@@ -26,24 +26,80 @@ MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h
 REGRESSION_GID = "regression"
 MINUS = "\u2212"
 
-# Paper size: ~7 in wide for three panels; nothing below 7 pt.
+# Paper size: ~7.5 in wide for three panels; nothing below 8 pt, legible in a notebook.
 _STYLE = {
-    "font.size": 7.5, "axes.titlesize": 7.5, "axes.labelsize": 7.5,
-    "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7,
-    "legend.title_fontsize": 7, "axes.linewidth": 0.6,
+    "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8,
+    "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 8,
+    "legend.title_fontsize": 8, "axes.linewidth": 0.6,
     "xtick.major.width": 0.6, "ytick.major.width": 0.6,
 }
-_PANEL_W, _PANEL_H, _MAX_COLS = 2.3, 2.05, 3
+_PANEL_W, _PANEL_H, _MAX_COLS = 2.45, 2.15, 3
+# What the y axis shows: metrics column -> label.
+Y_LABELS = {"delta_m": "ΔM (magnitude)", "delta_m_rel": "ΔM / mean ‖m₀‖ (relative)"}
+# The default matrix kind: a query projection if there is one (the paper's Figure 2).
+_QUERY_FIRST = ("q_proj", "query", "q", "q_lin", "wq", "query_proj", "c_attn")
 
 
-def _select(metrics: pd.DataFrame, matrix: str, runs: Sequence[str] | None
-            ) -> tuple[pd.DataFrame, list[str]]:
+def default_matrix(metrics: pd.DataFrame) -> str:
+    """The matrix kind drawn when none is named: a query kind if present, else the first."""
+    kinds = sorted(metrics["matrix"].astype(str).unique())
+    if not kinds:
+        raise ValueError("the metrics table is empty")
+    return next((k for k in _QUERY_FIRST if k in kinds), kinds[0])
+
+
+def _select(metrics: pd.DataFrame, matrix: str | None, runs: Sequence[str] | None, y: str
+            ) -> tuple[pd.DataFrame, list[str], str]:
+    if y not in Y_LABELS:
+        raise ValueError(f"y must be one of {list(Y_LABELS)}, not {y!r}")
+    if y not in metrics.columns:
+        raise ValueError(f"the metrics table has no {y!r} column")
+    matrix = default_matrix(metrics) if matrix is None else matrix
     kinds = sorted(metrics["matrix"].astype(str).unique())
     if matrix not in kinds:
         raise ValueError(f"matrix kind {matrix!r} not in the metrics table (has {kinds})")
     sub = metrics[metrics["matrix"] == matrix]
-    order = list(runs) if runs is not None else ordered_runs(sub)
-    return sub, order
+    if "axis" in sub.columns and sub["axis"].nunique() > 1:
+        raise ValueError(f"the table holds both axes ({sorted(sub['axis'].unique())}); "
+                         "select one, e.g. metrics[metrics.axis == 'out']")
+    present = ordered_runs(sub)
+    if runs is None:
+        return sub, present, matrix
+    runs = [runs] if isinstance(runs, str) else list(runs)
+    unknown = [r for r in runs if r not in present]
+    if unknown:
+        raise ValueError(f"run(s) {unknown} not in the metrics table for {matrix!r} (has {present})")
+    return sub, runs, matrix
+
+
+def _axis_text(sub: pd.DataFrame) -> str:
+    if "axis" not in sub.columns or sub.empty:
+        return ""
+    return f" (axis {sub['axis'].iloc[0]})"
+
+
+def _target_axes(n: int, ax, fig: Figure | None, extra_h: float, rows: int = 1
+                 ) -> tuple[Figure, list[Axes], bool]:
+    """Axes to draw n panels (× rows) into: the caller's (``ax``: one Axes or a sequence, or
+    ``fig``: a Figure to fill), else a new figure. The bool says whether the figure is ours."""
+    if ax is not None:
+        axes = [ax] if isinstance(ax, Axes) else list(np.ravel(np.asarray(ax, dtype=object)))
+        if len(axes) != n * rows:
+            raise ValueError(f"ax= needs {n * rows} Axes (one per panel), got {len(axes)}")
+        return axes[0].figure, axes, False
+    if fig is not None:
+        ncols = n if rows > 1 else min(max(n, 1), _MAX_COLS)
+        nrows = rows if rows > 1 else math.ceil(max(n, 1) / ncols)
+        grid = fig.subplots(nrows, ncols, squeeze=False)
+        axes = grid.ravel().tolist()
+        for extra in axes[n * rows:]:
+            fig.delaxes(extra)
+        return fig, axes[: n * rows], False
+    if rows > 1:
+        new = Figure(figsize=(_PANEL_W * max(n, 1) + 0.6, 4.2), layout="constrained")
+        return new, new.subplots(rows, max(n, 1), squeeze=False).ravel().tolist(), True
+    new, axes = _grid(n, extra_h)
+    return new, axes, True
 
 
 def _layer_colors(layers: Sequence) -> tuple[ListedColormap, BoundaryNorm, dict]:
@@ -76,7 +132,7 @@ def _fmt(v: float, spec: str) -> str:
 
 
 def _panel_title(run: str, method: str, fit: pd.Series | None) -> str:
-    name = method if run.lower() == str(method).lower() else f"{run} ({method})"
+    name = f"{run} ({method})"  # every panel alike, whatever the run is called
     if fit is None:
         return f"{name}\nr undefined (no fit)"
     if not np.isfinite(fit["pearson_r"]):
@@ -85,15 +141,17 @@ def _panel_title(run: str, method: str, fit: pd.Series | None) -> str:
             f"(slope {_fmt(fit['slope'], '.1e')}, n = {int(fit['n'])})")
 
 
-def _lookup_fit(fits: pd.DataFrame, run: str, matrix: str) -> pd.Series | None:
+def _lookup_fit(fits: pd.DataFrame, run: str, matrix: str, axis: str | None = None) -> pd.Series | None:
     hit = fits[(fits["run"] == run) & (fits["matrix"] == matrix)]
+    if axis is not None and "axis" in hit.columns:
+        hit = hit[hit["axis"] == axis]
     return None if hit.empty else hit.iloc[0]
 
 
 def _scatter_panel(ax: Axes, data: pd.DataFrame, step_marker: dict, cmap, norm,
-                   layer_index: dict) -> None:
+                   layer_index: dict, y: str = "delta_m") -> None:
     for step, pts in data.groupby("step", sort=True):
-        ax.scatter(pts["delta_d"], pts["delta_m"], c=pts["layer"].map(layer_index),
+        ax.scatter(pts["delta_d"], pts[y], c=pts["layer"].map(layer_index),
                    cmap=cmap, norm=norm, marker=step_marker[step], s=16,
                    edgecolors="0.15", linewidths=0.3, zorder=2)
 
@@ -109,7 +167,7 @@ def _regression_line(ax: Axes, data: pd.DataFrame, fit: pd.Series | None) -> Non
     line.set_gid(REGRESSION_GID)
 
 
-def _step_legend(fig: Figure, steps: list) -> None:
+def _step_legend(fig: Figure, steps: list, ax: Axes | None = None) -> None:
     handles = [Line2D([], [], linestyle="", marker=MARKERS[i % len(MARKERS)], markersize=4,
                       color="0.45", markeredgecolor="0.15", markeredgewidth=0.3)
                for i in range(len(steps))]
@@ -119,6 +177,10 @@ def _step_legend(fig: Figure, steps: list) -> None:
     nrows = math.ceil(len(steps) / ncols)
     # The legend fills column by column; permute so that steps read left to right.
     order = [r * ncols + c for c in range(ncols) for r in range(nrows) if r * ncols + c < len(steps)]
+    if ax is not None:  # the caller's axes: a legend inside the last one, no layout assumed
+        ax.legend([handles[i] for i in order], [labels[i] for i in order], title=title,
+                  ncols=min(ncols, 4), frameon=False, handletextpad=0.1, columnspacing=0.9)
+        return
     fig.legend([handles[i] for i in order], [labels[i] for i in order],
                loc="outside lower center", title=title, ncols=ncols, frameon=False,
                handletextpad=0.1, columnspacing=0.9)
@@ -135,74 +197,87 @@ def _grid(n_panels: int, extra_h: float) -> tuple[Figure, list[Axes]]:
     return fig, axes[:n_panels]
 
 
-def figure2(metrics: pd.DataFrame, fits: pd.DataFrame | None = None, matrix: str = "q_proj",
-            runs: Sequence[str] | None = None) -> Figure:
+def figure2(metrics: pd.DataFrame, fits: pd.DataFrame | None = None, matrix: str | None = None,
+            runs: Sequence[str] | None = None, ax=None, fig: Figure | None = None,
+            y: str = "delta_m") -> Figure:
     """The paper's Figure 2 for one matrix kind: one panel per run, x = ΔD, y = ΔM.
 
     Colour = layer, marker = training step, line = least-squares fit from ``fits``
-    (``fit_groups`` output; computed here without bootstrap if None). Runs default to
-    FT, LoRA, DoRA, then others; ``runs`` picks and orders them explicitly.
+    (``fit_groups`` output; computed here without resampling if None, or when ``y`` is not
+    ``delta_m``). ``matrix``: default a query kind if present, else the first kind. Runs
+    default to FT, LoRA, DoRA, then others; ``runs`` picks and orders them (unknown names
+    are an error). ``ax``: an Axes (one run) or one Axes per run to draw into; ``fig``: a
+    Figure to fill; default a new Figure. ``y="delta_m_rel"``: ΔM / mean ‖m₀‖.
     """
-    sub, order = _select(metrics, matrix, runs)
-    if fits is None:
-        fits = fit_groups(sub, n_boot=0)
+    sub, order, matrix = _select(metrics, matrix, runs, y)
+    if fits is None or y != "delta_m":
+        fits = fit_groups(sub.assign(delta_m=sub[y]), n_boot=0, n_perm=0)
+    axis = str(sub["axis"].iloc[0]) if "axis" in sub.columns and len(sub) else None
     steps = sorted(sub["step"].unique())
     step_marker = {s: MARKERS[i % len(MARKERS)] for i, s in enumerate(steps)}
     with matplotlib.rc_context(_STYLE):
-        fig, axes = _grid(len(order), extra_h=0.75)
+        fig, axes, ours = _target_axes(len(order), ax, fig, extra_h=0.8)
         cmap, norm, layer_index = _layer_colors(sub["layer"].tolist())
-        for ax, run in zip(axes, order):
+        for a, run in zip(axes, order):
             data = sub[sub["run"] == run]
-            method = data["method"].iloc[0] if len(data) else "?"
-            fit = _lookup_fit(fits, run, matrix)
-            _scatter_panel(ax, data, step_marker, cmap, norm, layer_index)
-            _regression_line(ax, data, fit)
-            ax.set_title(_panel_title(run, method, fit))
-            ax.set_xlabel("ΔD (direction)")
-            ax.set_ylabel("ΔM (magnitude)")
-            _sci_axes(ax)
-            if data.empty:
-                ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center")
+            method = data["method"].iloc[0]
+            fit = _lookup_fit(fits, run, matrix, axis)
+            _scatter_panel(a, data, step_marker, cmap, norm, layer_index, y)
+            _regression_line(a, data, fit)
+            a.set_title(_panel_title(run, method, fit))
+            a.set_xlabel("ΔD (direction, 1 − cos)")
+            a.set_ylabel(Y_LABELS[y])
+            _sci_axes(a)
         _layer_colorbar(fig, axes, cmap, norm, layer_index)
-        _step_legend(fig, steps)
-        fig.suptitle(f"{matrix}: magnitude vs direction change", fontsize=8)
+        _step_legend(fig, steps, None if ours else axes[-1])
+        title = f"{matrix}: magnitude vs direction change{_axis_text(sub)}"
+        if ours:
+            fig.suptitle(title, fontsize=9)
+        elif len(axes) == 1:
+            axes[0].set_title(f"{title}\n{axes[0].get_title()}")
     return fig
 
 
 _X_LABELS = {"step": "step", "train_loss": "training loss", "epoch": "epoch", "learning_rate": "learning rate"}
 
 
-def trajectories(metrics: pd.DataFrame, matrix: str,
-                 runs: Sequence[str] | None = None, x: str = "step") -> Figure:
-    """ΔM (top row) and ΔD (bottom row) against ``x`` (the step, or a column logged by the
-    Trainer such as ``train_loss``), one line per layer, one column per run; runs with
-    nothing logged in ``x`` are left out."""
-    sub, order = _select(metrics, matrix, runs)
+def trajectories(metrics: pd.DataFrame, matrix: str | None = None,
+                 runs: Sequence[str] | None = None, ax=None, fig: Figure | None = None,
+                 y: str = "delta_m", x: str = "step") -> Figure:
+    """ΔM (top row) and ΔD (bottom row) against ``x``, one line per layer, one column per run.
+
+    ``x``: the step, or a column logged by the Trainer such as ``train_loss`` (runs with
+    nothing logged in it are left out). ``matrix``, ``runs``, ``fig``, ``y`` as in
+    ``figure2``; ``ax``: 2 × (number of runs) Axes (rows ΔM, ΔD), e.g. from
+    ``fig.subplots(2, n)``.
+    """
+    sub, order, matrix = _select(metrics, matrix, runs, y)
     if x != "step":
         sub = sub[sub[x].notna()]
         order = [r for r in order if r in set(sub["run"])]
     with matplotlib.rc_context(_STYLE):
         ncols = max(len(order), 1)
-        fig = Figure(figsize=(_PANEL_W * ncols + 0.6, 4.0), layout="constrained")
-        grid = fig.subplots(2, ncols, squeeze=False, sharex="col")
+        fig, flat, ours = _target_axes(ncols, ax, fig, extra_h=0.0, rows=2)
+        grid = np.asarray(flat, dtype=object).reshape(2, ncols)
         cmap, norm, layer_index = _layer_colors(sub["layer"].tolist())
         for col, run in enumerate(order):
             data = sub[sub["run"] == run]
-            method = data["method"].iloc[0] if len(data) else "?"
+            method = data["method"].iloc[0]
             grid[0, col].set_title(_panel_title(run, method, None).split("\n")[0])
-            for row, (column, label) in enumerate((("delta_m", "ΔM"), ("delta_d", "ΔD"))):
-                ax = grid[row, col]
+            for row, (column, label) in enumerate(((y, Y_LABELS[y].split(" (")[0]), ("delta_d", "ΔD"))):
+                a = grid[row, col]
                 for layer, pts in data.groupby("layer", sort=True):
                     pts = pts.sort_values("step")  # in training order, whatever x is
                     # Markers too, so that a single step still shows as points.
-                    ax.plot(pts[x], pts[column], marker="o", markersize=2, lw=0.9,
-                            color=cmap(norm(layer_index[layer])))
-                ax.set_ylabel(label)
-                _sci_axes(ax, axis="y")  # steps read best as plain integers
+                    a.plot(pts[x], pts[column], marker="o", markersize=2, lw=0.9,
+                           color=cmap(norm(layer_index[layer])))
+                a.set_ylabel(label)
+                _sci_axes(a, axis="y")  # steps read best as plain integers
             grid[1, col].set_xlabel(_X_LABELS.get(x, x))
-        _layer_colorbar(fig, grid.ravel().tolist(), cmap, norm, layer_index)
-        what = "training step" if x == "step" else _X_LABELS.get(x, x) + " logged nearest each checkpoint"
-        fig.suptitle(f"{matrix}: change against {what}", fontsize=8)
+        _layer_colorbar(fig, list(flat), cmap, norm, layer_index)
+        if ours:
+            what = "training step" if x == "step" else _X_LABELS.get(x, x) + " logged nearest each checkpoint"
+            fig.suptitle(f"{matrix}: change against {what}{_axis_text(sub)}", fontsize=9)
     return fig
 
 

@@ -179,10 +179,12 @@ def correlations(metrics: pd.DataFrame, schemes: Mapping[str, Sequence[float]] |
     by = ["method", "matrix", "axis"]
     rows: list[dict] = []
     for scheme, m in parts.items():
-        for _, f in fit_groups(m, by=by, n_boot=n_boot).iterrows():
+        # r as a description of each run (no p-values): n_perm=0, and per-step r from 3
+        # layers, as the recorded sweeps were computed
+        for _, f in fit_groups(m, by=by, n_boot=n_boot, n_perm=0).iterrows():
             rows.append({"scheme": scheme, **{k: f[k] for k in by}, "kind": "pooled", "step": -1,
                          "r": f["pearson_r"], "n": f["n"], "share": float("nan")})
-        for _, f in fit_per_step(m, by=by, n_boot=n_boot).iterrows():
+        for _, f in fit_per_step(m, by=by, n_boot=n_boot, n_perm=0, min_n=3).iterrows():
             rows.append({"scheme": scheme, **{k: f[k] for k in by}, "kind": "step",
                          "step": int(f["step"]), "r": f["pearson_r"], "n": f["n"],
                          "share": float("nan")})
