@@ -35,6 +35,8 @@ def _check(meas, w0, wt, rel=2e-5, abs_=2e-6):
     dm, dd, _ = plain_reference(w0, wt)
     assert meas.delta_m == pytest.approx(dm, rel=rel)
     assert meas.delta_m_radial + meas.delta_m_tangential == pytest.approx(meas.delta_m, rel=1e-12)
+    n0, nt = w0.double().norm(dim=1), wt.double().norm(dim=1)
+    assert meas.delta_m_rel == pytest.approx(dm / float(n0[(n0 > 0) & (nt > 0)].mean()), rel=rel)
 
 
 @given(st.integers(0, 2**31 - 1), st.floats(1e-3, 2.0), st.floats(-0.9, 0.9))

@@ -32,7 +32,7 @@ from wda.trainer_state import LOG_COLUMNS
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["run", "method", "step", "module", "layer", "matrix", *MEASUREMENT_FIELDS,
-                  "delta_m_rel", "axis", "stack", *LOG_COLUMNS]
+                  "axis", "stack", *LOG_COLUMNS]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -430,9 +430,6 @@ def _logged(item: _Item) -> dict[str, float | None]:
 def _table(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=METRIC_COLUMNS + ["_path"]).drop(columns="_path")
     df = df.astype({"step": "int64", "layer": "int64", "n_vectors": "int64", "n_excluded": "int64"})
-    # ΔM relative to the base norm: comparable across layers and methods (weight units cancel)
-    m0 = df["m0_mean"].astype("float64")
-    df["delta_m_rel"] = (df["delta_m"] / m0).where(m0 > 0)
     order = {m: i for i, m in enumerate(("FT", "LoRA", "DoRA"))}
     df["_m"] = df["method"].map(order).fillna(len(order))
     df = df.sort_values(["_m", "run", "matrix", "stack", "layer", "module", "step"], kind="stable")

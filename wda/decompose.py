@@ -113,6 +113,9 @@ class Measurement:
     align_abs_mean: float  # mean |cos(δ, u)|
     delta_m_radial: float  # the part of delta_m that is first order: sign(Δm)·u·δ/||u||
     delta_m_tangential: float  # the rest, second order: sign(Δm)·||W_t^n||·(1 - cos)
+    # ΔM relative to the base norm, delta_m / m0_mean: comparable across layers, models and
+    # methods (the weight units cancel)
+    delta_m_rel: float
 
 
 # The measured fields, in output order (metrics.csv columns after the module's keys).
@@ -143,9 +146,10 @@ def summarize(ch: VectorChanges) -> Measurement:
     k = int(k)
     if k == 0:
         nan = float("nan")
-        return Measurement(nan, nan, n, n, nan, nan, nan, nan, nan, nan)
+        return Measurement(nan, nan, n, n, nan, nan, nan, nan, nan, nan, nan)
     dm_s, dd_s, m0_s, s_s, a_s, aa_s, rad_s, tan_s = (v / k for v in sums)
-    return Measurement(dm_s, dd_s, n, n - k, m0_s, s_s, a_s, aa_s, rad_s, tan_s)
+    rel = dm_s / m0_s if m0_s > 0 else float("nan")
+    return Measurement(dm_s, dd_s, n, n - k, m0_s, s_s, a_s, aa_s, rad_s, tan_s, rel)
 
 
 def _vector_sums(ch: VectorChanges) -> list[float]:
