@@ -3,11 +3,11 @@
 Module-major: each base matrix W_0 is read once and prepared (``BaseWeight``), then the same
 matrix of every checkpoint is measured against it in one pass and freed; adapters are
 measured from their factors (``BaseWeight.measure_lowrank``, float32 on the device) without
-forming the merged matrix. A background thread reads ahead: it faults the pages of the next
-tensors in from disk (memory-mapped safetensors: no copy on the CPU), or stages them through
-pinned memory onto the GPU on a side stream, while the current ones are measured. Files are
-reopened per matrix, so the pages mapped into the process are those of the few matrices in
-flight: peak memory is a few matrices whatever the number of layers or steps.
+forming the merged matrix. A background thread reads ahead while the current matrices are
+measured: each checkpoint's header is parsed once, then each tensor's byte range is read
+with ``pread`` into a pooled buffer (``wda.buffers``; for CUDA a pinned one, copied to the
+device on a side stream). Nothing stays mapped, and a buffer is reused once the matrix in it
+is measured: peak memory is a few matrices whatever the number of layers or steps.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Iterator
 import pandas as pd
 import torch
 
+from wda.buffers import BufferPool
 from wda.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
 from wda.errors import WdaError
 from wda.formats import HandleCache
@@ -122,15 +123,15 @@ class _Loaded:
         self.nbytes = sum(v.numel() * v.element_size() for v in self.tensors.values())
 
 
-def _read_item(item: _Item, cache: HandleCache) -> _Loaded:
-    """The stored tensors of one matrix."""
+def _read_item(item: _Item, cache: HandleCache, alloc) -> _Loaded:
+    """The stored tensors of one matrix, read into buffers from ``alloc``."""
     ck = cache.get(item.path)
     name = item.module.name
     if not ck.is_adapter:
-        return _Loaded({"w": ck.read_weight(name)}, None, ck.weights[name].file)
+        return _Loaded({"w": ck.read_weight(name, alloc)}, None, ck.weights[name].file)
     # an adapter's own module name: prefixes may differ from the base's by a wrapper
     info = ck.adapters[item.run.adapter_names[name]]
-    return _Loaded(ck.read_adapter(item.run.adapter_names[name]), info.scaling, info.file)
+    return _Loaded(ck.read_adapter(item.run.adapter_names[name], alloc), info.scaling, info.file)
 
 
 def _is_full(item: _Item) -> bool:
@@ -141,9 +142,12 @@ def _is_full(item: _Item) -> bool:
 def _reader(cache: HandleCache, dev: torch.device):
     """read(item) for the prefetch thread: tensors read, pages resident or copied to ``dev``."""
     stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    # CUDA: pinned memory from torch's caching host allocator (itself a pool: a block is
+    # reused once its copy to the device is done); CPU: our pool.
+    alloc = _pinned if dev.type == "cuda" else BufferPool().take
 
     def read(item: _Item) -> _Loaded:
-        data = _read_item(item, cache)
+        data = _read_item(item, cache, alloc)
         try:
             data.tensors, data.ready = stage(data.tensors, dev, stream)
         except OSError as exc:
@@ -152,6 +156,10 @@ def _reader(cache: HandleCache, dev: torch.device):
         return data
 
     return read
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 # ---- measuring ---------------------------------------------------------------------------
@@ -287,9 +295,8 @@ def run_analysis(ckpt_dir: str | Path | None, options: AnalysisOptions = Analysi
     dev = resolve_device(options.device)
     dtype = DTYPES[options.dtype]
     items = list(_work_items(layout))
-    # Every checkpoint is reopened for each matrix (opening parses a header: ~0.1-1 ms): a
-    # memory-mapped file keeps the pages it has served mapped until it is closed, and in
-    # module-major order a cache of open files would end up holding every analysed byte.
+    # Checkpoints of safetensors stay open (their headers: nothing is mapped); a .bin one is
+    # reopened for each matrix, since its mapping keeps every page it has served.
     cache = HandleCache(size=1)
     work = _Measurer(options, dev, dtype)
     from tqdm.auto import tqdm

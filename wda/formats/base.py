@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from wda.errors import WdaError
-from wda.formats.tensors import TensorFile, present, read_json, short_repr
+from wda.formats.tensors import Alloc, TensorFile, present, read_json, short_repr
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +93,20 @@ class Checkpoint:
     def is_adapter(self) -> bool:
         return self.method != FT
 
-    def read_weight(self, module: str) -> torch.Tensor:
-        """The full weight of ``module``, stored layout and dtype, on the CPU."""
+    def read_weight(self, module: str, alloc: Alloc | None = None) -> torch.Tensor:
+        """The full weight of ``module``, stored layout and dtype, on the CPU. ``alloc``:
+        where its bytes go (``TensorFile.read_many``); default a new tensor."""
         info = self.weights.get(module)
         if info is None:
             raise WdaError(self.source, f"module {module!r} is missing", "the file changed while it was read?")
-        return self.read(info.key)
+        return self.read_many([info.key], alloc)[info.key]
 
-    def read_adapter(self, module: str) -> dict[str, torch.Tensor]:
+    def read_adapter(self, module: str, alloc: Alloc | None = None) -> dict[str, torch.Tensor]:
         """The factors of ``module``: ``{"a", "b", "m"}``, those it has, stored dtype."""
         info = self.adapters[module]
-        return {k: self.read(t.key) for k, t in (("a", info.a), ("b", info.b), ("m", info.m)) if t is not None}
+        parts = [(k, t.key) for k, t in (("a", info.a), ("b", info.b), ("m", info.m)) if t is not None]
+        got = self.read_many([key for _, key in parts], alloc)
+        return {k: got[key] for k, key in parts}
 
     def check_module(self, module: str) -> None:
         """Format-specific checks of one adapted module against its own config (headers only),
@@ -116,6 +119,27 @@ class Checkpoint:
         if tf is None:
             raise WdaError(self.source, f"tensor {key!r} is missing", "the file changed while it was read?")
         return tf.read(key)
+
+    def read_many(self, keys: list[str], alloc: Alloc | None = None) -> dict[str, torch.Tensor]:
+        """Several stored tensors; those of one file are read with it opened once. Keys not in
+        the indexed files (a format with its own storage) go through ``read``."""
+        by_file: dict[TensorFile, list[str]] = {}
+        out: dict[str, torch.Tensor] = {}
+        for key in keys:
+            tf = self._tensors.get(key)
+            if tf is None:
+                out[key] = self.read(key)
+            else:
+                by_file.setdefault(tf, []).append(key)
+        for tf, names in by_file.items():
+            out.update(tf.read_many(names, alloc))
+        return {k: out[k] for k in keys}
+
+    @property
+    def holds_data(self) -> bool:
+        """Whether keeping this checkpoint open keeps file data in memory (a mapped or loaded
+        .bin, a format with its own storage), not only its headers."""
+        return not self._files or any(tf.holds_data for tf in self._files.values())
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
