@@ -38,7 +38,7 @@ class BufferPool:
         return len(self._bufs)
 
     def take(self, nbytes: int) -> torch.Tensor:
-        if nbytes < POOLED_MIN:
+        if nbytes < POOLED_MIN or nbytes == 0:
             return torch.empty(nbytes, dtype=torch.uint8)
         best, free = -1, []
         for i in range(len(self._bufs)):  # (no local name for a buffer: it would count as a use)
@@ -46,7 +46,7 @@ class BufferPool:
                 free.append(i)
                 size = self._bufs[i].nbytes
                 # a buffer at most twice the size: a small tensor does not take a large one
-                if nbytes <= size <= 2 * nbytes and (best < 0 or size < self._bufs[best].nbytes):
+                if nbytes <= size <= 2 * nbytes + _ROUND and (best < 0 or size < self._bufs[best].nbytes):
                     best = i
         if best < 0:
             if len(free) >= self.keep:  # make room: drop the smallest spare buffer

@@ -126,8 +126,6 @@ class TensorFile:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise self._bad("header is not UTF-8") from None
-        if not text.startswith("{"):
-            raise self._bad("header is not a JSON object")
         try:
             header = json.loads(text)
         except (ValueError, RecursionError) as exc:
@@ -238,6 +236,8 @@ class TensorFile:
             raise WdaError(self.path, f"tensor {name!r} is stored as {e.dtype}, which torch {torch.__version__} "
                                       "cannot hold", "convert the checkpoint to a supported dtype")
         n = e.end - e.start
+        if n == 0:
+            return torch.empty(e.shape, dtype=dtype)
         buf = alloc(n)
         view, done = memoryview(buf.numpy()), 0
         try:
