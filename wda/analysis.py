@@ -116,6 +116,7 @@ class _Loaded:
     scaling: float | None  # of B·A for an adapter; None for a full weight
     source: Path  # the file the tensors came from (named in errors)
     ready: object = None  # CUDA: event recorded after the copies to the device
+    mapped: bool = False  # the tensors are views of a memory-mapped file (a .bin)
 
     nbytes: int = 0
 
@@ -128,10 +129,11 @@ def _read_item(item: _Item, cache: HandleCache, alloc) -> _Loaded:
     ck = cache.get(item.path)
     name = item.module.name
     if not ck.is_adapter:
-        return _Loaded({"w": ck.read_weight(name, alloc)}, None, ck.weights[name].file)
+        return _Loaded({"w": ck.read_weight(name, alloc)}, None, ck.weights[name].file, mapped=ck.holds_data)
     # an adapter's own module name: prefixes may differ from the base's by a wrapper
     info = ck.adapters[item.run.adapter_names[name]]
-    return _Loaded(ck.read_adapter(item.run.adapter_names[name], alloc), info.scaling, info.file)
+    return _Loaded(ck.read_adapter(item.run.adapter_names[name], alloc), info.scaling, info.file,
+                   mapped=ck.holds_data)
 
 
 def _is_full(item: _Item) -> bool:
@@ -149,7 +151,7 @@ def _reader(cache: HandleCache, dev: torch.device):
     def read(item: _Item) -> _Loaded:
         data = _read_item(item, cache, alloc)
         try:
-            data.tensors, data.ready = stage(data.tensors, dev, stream)
+            data.tensors, data.ready = stage(data.tensors, dev, stream, data.mapped)
         except OSError as exc:
             raise WdaError(data.source, f"cannot read tensors of {item.module.name!r} ({exc.strerror})",
                            "the file may be truncated or on a failing disk") from None
