@@ -74,8 +74,8 @@ def test_every_dtype_reads_the_bytes_safetensors_reads(every_dtype):
 
 def test_the_tensor_at_the_end_of_the_file(every_dtype):
     tf = TensorFile(every_dtype)
-    last = max(tf._entries, key=lambda k: tf._entries[k].end)
-    assert tf._entries[last].end == every_dtype.stat().st_size
+    last = max(tf._entries, key=lambda k: tf._entries[k][3])
+    assert tf._entries[last][3] == every_dtype.stat().st_size
     assert _same_bytes(tf.read(last), _reference(every_dtype)[last])
 
 
@@ -154,8 +154,8 @@ def test_file_cut_short_under_a_stale_size_is_one_line(every_dtype, tmp_path):
     p = tmp_path / "model.safetensors"
     p.write_bytes(every_dtype.read_bytes())
     tf = TensorFile(p)
-    last = max(tf._entries, key=lambda k: tf._entries[k].end)
-    os.truncate(p, tf._entries[last].start + 1)
+    last = max(tf._entries, key=lambda k: tf._entries[k][3])
+    os.truncate(p, tf._entries[last][2] + 1)
     tf._size = p.stat().st_size
     with pytest.raises(WdaError) as e:
         tf.read(last)

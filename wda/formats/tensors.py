@@ -8,9 +8,9 @@ every format uses.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,12 @@ _TORCH_DTYPES = {name: getattr(torch, attr) for name, attr in (
     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
     ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, attr)}
 _U64 = 2**64 - 1
+# Parsed headers by their bytes: the checkpoints of a run usually have the same header
+# (same names, shapes, dtypes, offsets), so it is parsed and checked once and its tables are
+# shared (read only) by every file that has it.
+_HEADERS: dict[bytes, tuple] = {}
+_HEADERS_KEPT = 64
+_INTS = frozenset({int})
 
 # Allocates the bytes one tensor is read into: ``alloc(nbytes) -> uint8 tensor`` of exactly
 # ``nbytes`` (a pooled buffer, pinned memory for CUDA). The default: a new tensor.
@@ -48,16 +54,6 @@ Alloc = Callable[[int], torch.Tensor]
 
 def _new_buffer(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One tensor of a safetensors file: where its bytes are (absolute offsets) and what they hold."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
 
 
 class TensorFile:
@@ -70,7 +66,8 @@ class TensorFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._sd: dict[str, torch.Tensor] | None = None  # .bin state dict (mmap)
-        self._entries: dict[str, _Entry] = {}  # safetensors: name -> byte range
+        # safetensors: name -> (dtype, shape, start, end), offsets from the start of the file
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, str] = {}  # stored dtype as written in the header
         self._floating: dict[str, bool] = {}
@@ -113,15 +110,25 @@ class TensorFile:
         if len(raw) < n:
             raise self._bad(f"cut short inside the header ({8 + len(raw)} of {8 + n} bytes)")
         self._size = size
-        self._parse_header(raw, 8 + n, size)
+        parsed = _HEADERS.get(raw)
+        if parsed is None:
+            parsed = self._parse_header(raw, 8 + n)
+            if len(_HEADERS) >= _HEADERS_KEPT:
+                del _HEADERS[next(iter(_HEADERS))]
+            _HEADERS[raw] = parsed
+        self._entries, self._shapes, self._dtypes, self._floating, end = parsed
+        if end != size:
+            raise self._bad(f"the header covers {end} bytes, the file has {size}")
 
     def _bad(self, why: str) -> WdaError:
         return WdaError(self.path, f"not a readable safetensors file ({why})", "re-save or remove this checkpoint")
 
-    def _parse_header(self, raw: bytes, data_start: int, size: int) -> None:
+    def _parse_header(self, raw: bytes, data_start: int) -> tuple:
         """The checks of the safetensors format's own validation: a JSON object of entries
         with a known dtype, a shape of non-negative integers and offsets that tile the data
-        section exactly (no gap, no overlap, nothing after the last tensor)."""
+        section exactly (no gap, no overlap; that nothing follows the last tensor is checked
+        against the file's size by the caller). Returns (entries, shapes, dtypes, floating,
+        where the data ends)."""
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -135,30 +142,40 @@ class TensorFile:
         meta = header.pop("__metadata__", None)
         if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
             raise self._bad("__metadata__ is not a map of strings")
-        entries = []
+        # (begin, end, name, dtype, shape): sorts by offsets. The common case is checked
+        # with builtins only (a few hundred thousand entries in a large run's headers);
+        # anything unusual goes through ``_entry`` for the precise message.
+        rows = []
+        bits_of, ints = SAFETENSORS_BITS, _INTS
         for name, info in header.items():
-            entries.append((name, self._entry(name, info)))
-        entries.sort(key=lambda e: (e[1][2], e[1][3]))
+            try:
+                dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+                ok = (type(dtype) is str and dtype in bits_of and type(shape) is list
+                      and ints.issuperset(map(type, shape)) and min(shape, default=0) >= 0
+                      and max(shape, default=0) <= _U64 and type(begin) is int and type(end) is int
+                      and 0 <= begin and end <= _U64 and type(info["data_offsets"]) is list)
+            except (TypeError, KeyError, ValueError, IndexError):
+                ok = False
+            if not ok:
+                dtype, shape, begin, end = self._entry(name, info)
+            rows.append((begin, end, name, dtype, tuple(shape)))
+        rows.sort()
         at = 0
-        for name, (dtype, shape, begin, end) in entries:
+        for begin, end, name, dtype, shape in rows:
             if begin != at or end < begin:
                 raise self._bad(f"tensor {short_repr(name)}: data_offsets [{begin}, {end}] do not follow "
                                 f"the previous tensor (at {at})")
-            count = 1
-            for d in shape:
-                count *= d
-            bits = count * SAFETENSORS_BITS[dtype]
+            bits = math.prod(shape) * bits_of[dtype]
             if bits % 8 or bits // 8 != end - begin:
                 raise self._bad(f"tensor {short_repr(name)}: {end - begin} bytes for shape "
                                 f"{list(shape)} of {dtype}")
             at = end
-        if data_start + at != size:
-            raise self._bad(f"the header covers {data_start + at} bytes, the file has {size}")
-        for name, (dtype, shape, begin, end) in entries:
-            self._entries[name] = _Entry(dtype, shape, data_start + begin, data_start + end)
-            self._shapes[name] = shape
-            self._dtypes[name] = dtype
-            self._floating[name] = dtype in SAFETENSORS_FLOAT_DTYPES
+        floats = SAFETENSORS_FLOAT_DTYPES
+        entries = {name: (dtype, shape, data_start + begin, data_start + end)
+                   for begin, end, name, dtype, shape in rows}
+        return (entries, {name: shape for _, _, name, _, shape in rows},
+                {name: dtype for _, _, name, dtype, _ in rows},
+                {name: dtype in floats for _, _, name, dtype, _ in rows}, data_start + at)
 
     def _entry(self, name: str, info: Any) -> tuple[str, tuple[int, ...], int, int]:
         if isinstance(info, list) and len(info) == 3:  # a struct may also be written as a sequence
@@ -230,29 +247,29 @@ class TensorFile:
             os.close(fd)
 
     def _pread(self, fd: int, name: str, alloc: Alloc) -> torch.Tensor:
-        e = self._entries[name]
-        dtype = _TORCH_DTYPES.get(e.dtype)
+        stored, shape, start, end = self._entries[name]
+        dtype = _TORCH_DTYPES.get(stored)
         if dtype is None:
-            raise WdaError(self.path, f"tensor {name!r} is stored as {e.dtype}, which torch {torch.__version__} "
+            raise WdaError(self.path, f"tensor {name!r} is stored as {stored}, which torch {torch.__version__} "
                                       "cannot hold", "convert the checkpoint to a supported dtype")
-        n = e.end - e.start
+        n = end - start
         if n == 0:
-            return torch.empty(e.shape, dtype=dtype)
+            return torch.empty(shape, dtype=dtype)
         buf = alloc(n)
         view, done = memoryview(buf.numpy()), 0
         try:
             while done < n:
-                got = os.preadv(fd, [view[done:]], e.start + done)
+                got = os.preadv(fd, [view[done:]], start + done)
                 if got == 0:
-                    raise WdaError(self.path, f"cut short: tensor {name!r} ends at byte {e.end}, the file "
-                                              f"ends at {e.start + done}", "the file may be truncated")
+                    raise WdaError(self.path, f"cut short: tensor {name!r} ends at byte {end}, the file "
+                                              f"ends at {start + done}", "the file may be truncated")
                 done += got
         except OSError as exc:
             raise WdaError(self.path, f"cannot read tensor {name!r} ({short(exc)})",
                            "the file may be truncated or on a failing disk") from None
         finally:
             view.release()
-        return buf.view(dtype).reshape(e.shape)
+        return buf.view(dtype).reshape(shape)
 
     def _check_size(self, size: int | None) -> None:
         # A file rewritten in place (a training job still saving) shows as a new size: stop
