@@ -372,8 +372,10 @@ def plan(ckpt_dir: str | Path | None, modules: list[str] | tuple[str, ...] | Non
     layout = discover(ckpt_dir, base=base, modules=list(modules) if modules else None,
                       fan_in_fan_out=fan_in_fan_out, skip_broken=skip_broken,
                       runs=runs.items() if isinstance(runs, dict) else runs)
-    rows = [{"run": r.name, "method": r.method, "step": s, "module": m.name, "layer": m.layer,
-             "matrix": m.matrix, "out_features": m.out_features, "in_features": m.in_features,
-             "transposed": m.transposed, "path": str(p)}
+    cols = ("run", "method", "step", "module", "layer", "matrix", "out_features", "in_features",
+            "transposed", "path")
+    rows = [(r.name, r.method, s, m.name, m.layer, m.matrix, m.out_features, m.in_features, m.transposed, p)
             for m, r in layout.module_pairs() for s, p in r.steps.items()]
-    return pd.DataFrame(rows)
+    df = pd.DataFrame.from_records(rows, columns=cols)  # tuples: a dict per row costs more than the rest
+    df["path"] = df["path"].astype(str)
+    return df
