@@ -251,3 +251,36 @@ def test_handle_cache_keeps_headers_not_mappings(every_dtype, tmp_path):
     cache.get(bins[1])  # evicts b1
     assert cache.get(bins[0]) is not b1
     assert cache.get(every_dtype.parent) is st
+
+
+# ---- headers: parsed and checked once per distinct header ---------------------------------------
+def test_a_runs_shared_header_is_parsed_and_checked_once(tmp_path, monkeypatch):
+    """Checkpoints with the same header share one parse and one round of header checks; a
+    checkpoint with another header (here a wrong shape) is still checked and named."""
+    import wda.formats.tensors as tensors
+    import wda.layout as layout
+
+    def save(d: Path, shape=(8, 8), seed=0):
+        d.mkdir(parents=True)
+        g = torch.Generator().manual_seed(seed)
+        save_file({f"model.layers.{i}.self_attn.{m}.weight": torch.randn(*shape, generator=g)
+                   for i in range(2) for m in ("q_proj", "v_proj")}, str(d / "model.safetensors"))
+
+    save(tmp_path / "base")
+    for s in range(1, 7):
+        save(tmp_path / "ft" / f"checkpoint-{s}", seed=s)
+    parsed, checked = [], []
+    real_parse, real_check = TensorFile._parse_header, layout._check_module
+    monkeypatch.setattr(TensorFile, "_parse_header", lambda self, *a: parsed.append(self.path) or real_parse(self, *a))
+    monkeypatch.setattr(layout, "_check_module", lambda ck, m, run: checked.append(ck.path) or real_check(ck, m, run))
+    tensors._HEADERS.clear()
+    lay = layout.discover(tmp_path)
+    assert sum(len(r.steps) for r in lay.runs) == 6
+    assert len(parsed) == 1  # base and the six checkpoints: one header
+    assert len(checked) == len(lay.modules)  # the first checkpoint's modules; the rest share its header
+    (tmp_path / "ft" / "checkpoint-4" / "model.safetensors").unlink()
+    (tmp_path / "ft" / "checkpoint-4").rmdir()
+    save(tmp_path / "ft" / "checkpoint-4", shape=(8, 4))
+    with pytest.raises(WdaError) as e:
+        layout.discover(tmp_path)
+    _one_line(e.value, tmp_path / "ft" / "checkpoint-4" / "model.safetensors", "has shape (8, 4)")

@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -176,7 +176,9 @@ class Checkpoint:
         self._files[path] = tf
         if names is None:  # a single weights file, not a shard
             self.source = path
-        for name in (names if names is not None else tf.shapes):
+            self._tensors.update(dict.fromkeys(tf.shapes, tf))
+            return
+        for name in names:
             if name not in tf.shapes:
                 raise WdaError(path, f"tensor {name!r} listed in the index is missing from this shard",
                                "the shards and the index do not belong together")
@@ -201,10 +203,59 @@ class Checkpoint:
                                "copy the missing shard or remove this checkpoint")
             self._add_file(shard, by_file[fname])
 
-    def _weights_from_keys(self, prefix: str = "") -> dict[str, TensorInfo]:
-        """Every ``<prefix><module>.weight`` tensor: module -> its info."""
-        out = {}
-        for key in self._tensors:
-            if key.startswith(prefix) and key.endswith(WEIGHT_SUFFIX):
-                out[key[len(prefix): -len(WEIGHT_SUFFIX)]] = self.info(key)
-        return out
+    def _weights_from_keys(self, prefix: str = "") -> Mapping[str, TensorInfo]:
+        """Every ``<prefix><module>.weight`` tensor: module -> its info (made when looked up:
+        a checkpoint of many modules is often opened for a few of them)."""
+        return _LazyInfos(self, self._module_keys(prefix))
+
+    def _module_keys(self, prefix: str) -> dict[str, str]:
+        """module -> key of its weight. Checkpoints with the same header share one table."""
+        files = list(self._files.values())
+        table = files[0].shapes if len(files) == 1 else None
+        if table is None or len(table) != len(self._tensors):  # several files, or part of one
+            return _module_keys(self._tensors, prefix)
+        hit = _MODULE_KEYS.get((id(table), prefix))
+        if hit is None or hit[0] is not table:  # (the table is held: its id is not reused)
+            if len(_MODULE_KEYS) >= _MODULE_KEYS_KEPT:
+                del _MODULE_KEYS[next(iter(_MODULE_KEYS))]
+            hit = _MODULE_KEYS[(id(table), prefix)] = (table, _module_keys(table, prefix))
+        return hit[1]
+
+    def same_weights_key(self) -> tuple | None:
+        """Equal for two full-weight checkpoints whose weights have the same names, shapes
+        and dtypes (same headers, read the same way); None when that is not known. Lets
+        header checks run once for all the checkpoints of a run that share their header."""
+        if self.is_adapter or not isinstance(self.weights, _LazyInfos) or not self._files:
+            return None
+        return (type(self), id(self.weights.keys_table), *(id(tf.shapes) for tf in self._files.values()))
+
+
+def _module_keys(keys, prefix: str) -> dict[str, str]:
+    n = len(WEIGHT_SUFFIX)
+    return {key[len(prefix): -n]: key for key in keys if key.endswith(WEIGHT_SUFFIX) and key.startswith(prefix)}
+
+
+_MODULE_KEYS: dict[tuple[int, str], tuple[dict, dict[str, str]]] = {}
+_MODULE_KEYS_KEPT = 64
+
+
+class _LazyInfos(Mapping):
+    """module -> ``TensorInfo`` of its weight, each made on first lookup."""
+
+    def __init__(self, ck: Checkpoint, keys: dict[str, str]) -> None:
+        self._ck, self.keys_table, self._made = ck, keys, {}
+
+    def __getitem__(self, module: str) -> TensorInfo:
+        info = self._made.get(module)
+        if info is None:
+            info = self._made[module] = self._ck.info(self.keys_table[module])
+        return info
+
+    def __contains__(self, module: object) -> bool:
+        return module in self.keys_table
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_table)
+
+    def __len__(self) -> int:
+        return len(self.keys_table)
