@@ -217,7 +217,7 @@ class Checkpoint:
         hit = _MODULE_KEYS.get((id(table), prefix))
         if hit is None or hit[0] is not table:  # (the table is held: its id is not reused)
             if len(_MODULE_KEYS) >= _MODULE_KEYS_KEPT:
-                del _MODULE_KEYS[next(iter(_MODULE_KEYS))]
+                _MODULE_KEYS.pop(next(iter(_MODULE_KEYS), None), None)
             hit = _MODULE_KEYS[(id(table), prefix)] = (table, _module_keys(table, prefix))
         return hit[1]
 

@@ -45,6 +45,7 @@ _U64 = 2**64 - 1
 # shared (read only) by every file that has it.
 _HEADERS: dict[bytes, tuple] = {}
 _HEADERS_KEPT = 64
+_HEADER_CACHED_MAX = 1 << 20  # bytes of one header kept (a large model's is ~50 KB)
 _INTS = frozenset({int})
 
 # Allocates the bytes one tensor is read into: ``alloc(nbytes) -> uint8 tensor`` of exactly
@@ -113,9 +114,10 @@ class TensorFile:
         parsed = _HEADERS.get(raw)
         if parsed is None:
             parsed = self._parse_header(raw, 8 + n)
-            if len(_HEADERS) >= _HEADERS_KEPT:
-                del _HEADERS[next(iter(_HEADERS))]
-            _HEADERS[raw] = parsed
+            if len(raw) <= _HEADER_CACHED_MAX:
+                if len(_HEADERS) >= _HEADERS_KEPT:  # oldest out (safe from two threads: pop, default)
+                    _HEADERS.pop(next(iter(_HEADERS), None), None)
+                _HEADERS[raw] = parsed
         self._entries, self._shapes, self._dtypes, self._floating, end = parsed
         if end != size:
             raise self._bad(f"the header covers {end} bytes, the file has {size}")
