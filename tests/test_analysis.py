@@ -165,8 +165,8 @@ def test_streaming_memory_does_not_grow_with_steps(tmp_path, monkeypatch):
         alive, peak = [0], [0]
         real = analysis._read_item
 
-        def tracked(item, cache):
-            loaded = real(item, cache)
+        def tracked(item, cache, alloc):
+            loaded = real(item, cache, alloc)
             for t in loaded.tensors.values():
                 alive[0] += 1
                 peak[0] = max(peak[0], alive[0])
@@ -184,3 +184,47 @@ def test_streaming_memory_does_not_grow_with_steps(tmp_path, monkeypatch):
     bound = 1 + analysis._BATCH_FULL + analysis.AnalysisOptions().prefetch + 1
     small, large = peak_alive(2 * analysis._BATCH_FULL), peak_alive(20)
     assert large <= small + 1 and large <= bound
+
+
+def test_read_buffers_are_reused(tmp_path, monkeypatch):
+    """The tensors are read into pooled buffers: for 8 or 20 steps, no more buffers than the
+    matrices alive at once (W_0, a batch, the read-ahead, one in hand)."""
+    import wda.buffers
+
+    model = tiny_llama(seed=9, layers=2)
+    save_full(model, tmp_path / "base")
+    ft_checkpoints(model, tmp_path / "ft", steps=tuple(range(1, 21)), scale=0.004)
+    monkeypatch.setattr(wda.buffers, "POOLED_MIN", 0)  # tiny tensors: pool them all
+    pools, reads = [], [0]
+
+    class Counted(wda.buffers.BufferPool):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            pools.append(self)
+
+        def take(self, nbytes):
+            reads[0] += 1
+            return super().take(nbytes)
+
+    monkeypatch.setattr(analysis, "BufferPool", Counted)
+
+    def buffers(n_steps: int) -> tuple[int, int]:
+        pools.clear()
+        reads[0] = 0
+        mods = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+        hidden = [p for p in (tmp_path / "ft").glob("checkpoint-*") if int(p.name.split("-")[1]) > n_steps]
+        for p in hidden:
+            p.rename(tmp_path / f"hidden-{p.name}")
+        try:
+            df = wda.analyze(tmp_path, modules=mods, progress=False)
+        finally:
+            for p in tmp_path.glob("hidden-*"):
+                p.rename(tmp_path / "ft" / p.name[len("hidden-"):])
+        assert df.step.nunique() == n_steps and len(pools) == 1
+        return pools[0].allocated, reads[0]
+
+    bound = 1 + analysis._BATCH_FULL + analysis.AnalysisOptions().prefetch + 1
+    (small, n_small), (large, n_large) = buffers(8), buffers(20)
+    assert (n_small, n_large) == (2 * 9, 2 * 21), "every tensor goes through the pool"
+    # how many are in flight at once depends on the reader thread's timing, never on the steps
+    assert small <= bound and large <= bound

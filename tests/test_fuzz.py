@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from wda.formats import open_checkpoint
@@ -55,6 +56,33 @@ def assert_loads_cleanly_or_names_the_file(path: Path) -> None:
         text = str(err)
         assert text.startswith(f"{path}: "), text
         assert "\n" not in text and len(text) < 600, text
+    if path.suffix == ".safetensors":
+        assert_agrees_with_the_package(path)
+
+
+def _package_reads(path: Path) -> dict[str, torch.Tensor] | None:
+    """What the safetensors package reads from ``path``, or None if it refuses the file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:
+        return None
+
+
+def assert_agrees_with_the_package(path: Path) -> None:
+    """wda's own header parser accepts exactly the files the package accepts, and then
+    reads the same bytes (tensors of dtypes torch has)."""
+    ref = _package_reads(path)
+    try:
+        tf = TensorFile(path)
+    except WdaError as err:
+        assert ref is None, f"the package reads {path}, wda refuses it: {err}"
+        return
+    assert ref is not None, f"wda reads {path}, the package refuses it"
+    assert tf.shapes == {k: tuple(v.shape) for k, v in ref.items()}
+    for k, v in ref.items():
+        t = tf.read(k)
+        assert t.dtype == v.dtype and torch.equal(t.reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8))
 
 
 json_values = st.recursive(

@@ -256,33 +256,26 @@ def test_help_documents_the_flags_and_exit_statuses(capsys):
 
 
 # ---- a read error in the prefetch thread -----------------------------------------------------
-class _FailingHandle:
-    """A safetensors handle whose tensor reads fail like an I/O error on a flaky disk."""
-
-    def __init__(self, handle, log: list[str]) -> None:
-        self._h, self._log = handle, log
-
-    def __getattr__(self, name):
-        return getattr(self._h, name)
-
-    def get_tensor(self, name):
-        self._log.append(threading.current_thread().name)
-        raise OSError(5, "Input/output error")
-
-
 @pytest.fixture
 def flaky(ck, monkeypatch):
-    """Reads from lora/checkpoint-10's file fail after a clean open (headers are fine)."""
-    import safetensors
-
-    real, threads = safetensors.safe_open, []
+    """Reads from lora/checkpoint-10's file fail like an I/O error on a flaky disk, after a
+    clean open (headers are fine)."""
+    real_open, real_preadv, threads, bad_fds = os.open, os.preadv, [], set()
     bad = ck / "lora" / "checkpoint-10" / "adapter_model.safetensors"
 
     def open_(path, *a, **kw):
-        h = real(path, *a, **kw)
-        return _FailingHandle(h, threads) if Path(path) == bad else h
+        fd = real_open(path, *a, **kw)
+        (bad_fds.add if Path(path) == bad else bad_fds.discard)(fd)
+        return fd
 
-    monkeypatch.setattr(safetensors, "safe_open", open_)
+    def preadv(fd, buffers, offset, *a):
+        if fd in bad_fds:
+            threads.append(threading.current_thread().name)
+            raise OSError(5, "Input/output error")
+        return real_preadv(fd, buffers, offset, *a)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "preadv", preadv)
     return bad, threads
 
 

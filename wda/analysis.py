@@ -3,11 +3,11 @@
 Module-major: each base matrix W_0 is read once and prepared (``BaseWeight``), then the same
 matrix of every checkpoint is measured against it in one pass and freed; adapters are
 measured from their factors (``BaseWeight.measure_lowrank``, float32 on the device) without
-forming the merged matrix. A background thread reads ahead: it faults the pages of the next
-tensors in from disk (memory-mapped safetensors: no copy on the CPU), or stages them through
-pinned memory onto the GPU on a side stream, while the current ones are measured. Files are
-reopened per matrix, so the pages mapped into the process are those of the few matrices in
-flight: peak memory is a few matrices whatever the number of layers or steps.
+forming the merged matrix. A background thread reads ahead while the current matrices are
+measured: each checkpoint's header is parsed once, then each tensor's byte range is read
+with ``pread`` into a pooled buffer (``wda.buffers``; for CUDA a pinned one, copied to the
+device on a side stream). Nothing stays mapped, and a buffer is reused once the matrix in it
+is measured: peak memory is a few matrices whatever the number of layers or steps.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Iterator
 import pandas as pd
 import torch
 
+from wda.buffers import BufferPool
 from wda.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
 from wda.errors import WdaError, pythonic_errors
 from wda.formats import HandleCache
@@ -207,6 +208,7 @@ class _Loaded:
     scaling: float | None  # of B·A for an adapter; None for a full weight
     source: Path  # the file the tensors came from (named in errors)
     ready: object = None  # CUDA: event recorded after the copies to the device
+    mapped: bool = False  # the tensors are views of a memory-mapped file (a .bin)
 
     nbytes: int = 0
 
@@ -214,15 +216,16 @@ class _Loaded:
         self.nbytes = sum(v.numel() * v.element_size() for v in self.tensors.values())
 
 
-def _read_item(item: _Item, cache: HandleCache) -> _Loaded:
-    """The stored tensors of one matrix."""
+def _read_item(item: _Item, cache: HandleCache, alloc) -> _Loaded:
+    """The stored tensors of one matrix, read into buffers from ``alloc``."""
     ck = cache.get(item.path)
     name = item.module.name
     if not ck.is_adapter:
-        return _Loaded({"w": ck.read_weight(name)}, None, ck.weights[name].file)
+        return _Loaded({"w": ck.read_weight(name, alloc)}, None, ck.weights[name].file, mapped=ck.holds_data)
     # an adapter's own module name: prefixes may differ from the base's by a wrapper
     info = ck.adapters[item.run.adapter_names[name]]
-    return _Loaded(ck.read_adapter(item.run.adapter_names[name]), info.scaling, info.file)
+    return _Loaded(ck.read_adapter(item.run.adapter_names[name], alloc), info.scaling, info.file,
+                   mapped=ck.holds_data)
 
 
 def _is_full(item: _Item) -> bool:
@@ -233,17 +236,24 @@ def _is_full(item: _Item) -> bool:
 def _reader(cache: HandleCache, dev: torch.device):
     """read(item) for the prefetch thread: tensors read, pages resident or copied to ``dev``."""
     stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    # CUDA: pinned memory from torch's caching host allocator (itself a pool: a block is
+    # reused once its copy to the device is done); CPU: our pool.
+    alloc = _pinned if dev.type == "cuda" else BufferPool().take
 
     def read(item: _Item) -> _Loaded:
-        data = _read_item(item, cache)
+        data = _read_item(item, cache, alloc)
         try:
-            data.tensors, data.ready = stage(data.tensors, dev, stream)
+            data.tensors, data.ready = stage(data.tensors, dev, stream, data.mapped)
         except OSError as exc:
             raise WdaError(data.source, f"cannot read tensors of {item.module.name!r} ({exc.strerror})",
                            "the file may be truncated or on a failing disk") from None
         return data
 
     return read
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 # ---- measuring ---------------------------------------------------------------------------
@@ -380,9 +390,8 @@ def run_analysis(ckpt_dir: str | Path | None, options: AnalysisOptions = Analysi
     dev = resolve_device(options.device)
     dtype = DTYPES[options.dtype]
     items = list(_work_items(layout))
-    # Every checkpoint is reopened for each matrix (opening parses a header: ~0.1-1 ms): a
-    # memory-mapped file keeps the pages it has served mapped until it is closed, and in
-    # module-major order a cache of open files would end up holding every analysed byte.
+    # Checkpoints of safetensors stay open (their headers: nothing is mapped); a .bin one is
+    # reopened for each matrix, since its mapping keeps every page it has served.
     cache = HandleCache(size=1)
     work = _Measurer(options, dev, dtype)
     from tqdm.auto import tqdm
@@ -473,8 +482,10 @@ def plan(ckpt_dir: str | Path | None, modules: str | Sequence[str] | None = None
                                fan_in_fan_out=fan_in_fan_out, skip_broken=skip_broken,
                                runs=given, only_runs=only, only_steps=steps)
         layout = discover_selected(ckpt_dir, opts)
-    rows = [{"run": r.name, "method": r.method, "step": s, "module": m.name, "layer": m.layer,
-             "matrix": m.matrix, "out_features": m.out_features, "in_features": m.in_features,
-             "transposed": m.transposed, "path": str(p)}
+    cols = ("run", "method", "step", "module", "layer", "matrix", "out_features", "in_features",
+            "transposed", "path")
+    rows = [(r.name, r.method, s, m.name, m.layer, m.matrix, m.out_features, m.in_features, m.transposed, p)
             for m, r in layout.module_pairs() for s, p in r.steps.items()]
-    return pd.DataFrame(rows)
+    df = pd.DataFrame.from_records(rows, columns=cols)  # tuples: a dict per row costs more than the rest
+    df["path"] = df["path"].astype(str)
+    return df

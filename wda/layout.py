@@ -501,7 +501,11 @@ def _validate(layout: Layout, opened: dict[Path, Checkpoint], broken: Broken) ->
     """Check every (checkpoint, module) against the base, from headers only."""
     for run in layout.runs:
         targeted = {m.name for m in layout.modules if run.method == "FT" or m.name in run.adapter_names}
+        checked = set()  # full-weight checkpoints with the header of one already checked pass too
         for step, path in list(run.steps.items()):
+            same = opened[path].same_weights_key()
+            if same is not None and same in checked:
+                continue
             try:
                 for m in layout.modules:
                     if m.name in targeted:
@@ -509,6 +513,9 @@ def _validate(layout: Layout, opened: dict[Path, Checkpoint], broken: Broken) ->
             except WdaError as err:
                 broken(path, err)
                 del run.steps[step]
+                continue
+            if same is not None:
+                checked.add(same)
 
 
 def _check_dtype(t: TensorInfo) -> None:

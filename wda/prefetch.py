@@ -1,9 +1,10 @@
 """Read-ahead for the streaming engine: the next matrices' tensors are made ready in a
 background thread while the current ones are measured.
 
-On the CPU the thread faults the pages of memory-mapped tensors in (the disk read happens
-there, with the GIL released); for CUDA it stages them through pinned memory onto the device
-on its own stream and records an event the measuring side waits on.
+The thread reads the tensors (``pread`` into buffers, or for a memory-mapped file it faults
+the pages in: the disk read happens there, with the GIL released); for CUDA it copies them
+from pinned memory onto the device on its own stream and records an event the measuring
+side waits on.
 """
 
 from __future__ import annotations
@@ -74,11 +75,14 @@ class _Crash:
         self.exc = exc
 
 
-def stage(tensors: dict[str, torch.Tensor], dev: torch.device, stream=None):
+def stage(tensors: dict[str, torch.Tensor], dev: torch.device, stream=None, mapped: bool = True):
     """Tensors ready to measure: pages resident (CPU), or copied to ``dev`` on ``stream``.
-    Returns ``(tensors, event)``; the event (CUDA only) marks the end of the copies."""
-    for v in tensors.values():
-        populate(v)
+    ``mapped``: the tensors may be views of a memory-mapped file (their pages are faulted in
+    here); tensors read into memory need nothing. Returns ``(tensors, event)``; the event
+    (CUDA only) marks the end of the copies."""
+    if mapped:
+        for v in tensors.values():
+            populate(v)
     if dev.type != "cuda":
         return tensors, None
     stream = stream or torch.cuda.current_stream(dev)

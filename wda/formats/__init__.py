@@ -8,6 +8,7 @@ the ``Checkpoint`` it returns (``wda/formats/base.py``):
     ck.adapters               {module: AdapterInfo}   adapters: a (r, in), b (out, r), m, rank, scaling
     ck.read_weight(module)    the full weight, stored layout and dtype (lazily, one tensor)
     ck.read_adapter(module)   {"a", "b", "m"}: the factors it has
+    (both take ``alloc``: where the bytes are read to, e.g. a pooled or pinned buffer)
     ck.fan_in_fan_out, ck.base_model, ck.source, ck.config(), ck.model_type()
 
 Module names are the model's own (``model.layers.0.self_attn.q_proj``, no ``.weight``, no
@@ -76,14 +77,23 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 
 class HandleCache:
-    """Keeps at most ``size`` checkpoints open (their mmaps), least recently used first out."""
+    """Opened checkpoints, for reading tensor after tensor. Those that keep only headers
+    (safetensors: parsed once, read with ``pread``) stay for the cache's lifetime; those that
+    keep file data (a mapped .bin) are at most ``size``, least recently used first out."""
 
     def __init__(self, size: int = 32) -> None:
         self.size = size
+        self._light: dict[Path, Checkpoint] = {}
         self._open: OrderedDict[Path, Checkpoint] = OrderedDict()
 
     def get(self, path: Path) -> Checkpoint:
+        ck = self._light.get(path)
+        if ck is not None:
+            return ck
         ck = self._open.pop(path, None) or open_checkpoint(path)
+        if not ck.holds_data:
+            self._light[path] = ck
+            return ck
         self._open[path] = ck
         while len(self._open) > self.size:
             self._open.popitem(last=False)

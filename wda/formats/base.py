@@ -12,12 +12,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from wda.errors import WdaError
-from wda.formats.tensors import TensorFile, present, read_json, short_repr
+from wda.formats.tensors import Alloc, TensorFile, present, read_json, short_repr
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +93,20 @@ class Checkpoint:
     def is_adapter(self) -> bool:
         return self.method != FT
 
-    def read_weight(self, module: str) -> torch.Tensor:
-        """The full weight of ``module``, stored layout and dtype, on the CPU."""
+    def read_weight(self, module: str, alloc: Alloc | None = None) -> torch.Tensor:
+        """The full weight of ``module``, stored layout and dtype, on the CPU. ``alloc``:
+        where its bytes go (``TensorFile.read_many``); default a new tensor."""
         info = self.weights.get(module)
         if info is None:
             raise WdaError(self.source, f"module {module!r} is missing", "the file changed while it was read?")
-        return self.read(info.key)
+        return self.read_many([info.key], alloc)[info.key]
 
-    def read_adapter(self, module: str) -> dict[str, torch.Tensor]:
+    def read_adapter(self, module: str, alloc: Alloc | None = None) -> dict[str, torch.Tensor]:
         """The factors of ``module``: ``{"a", "b", "m"}``, those it has, stored dtype."""
         info = self.adapters[module]
-        return {k: self.read(t.key) for k, t in (("a", info.a), ("b", info.b), ("m", info.m)) if t is not None}
+        parts = [(k, t.key) for k, t in (("a", info.a), ("b", info.b), ("m", info.m)) if t is not None]
+        got = self.read_many([key for _, key in parts], alloc)
+        return {k: got[key] for k, key in parts}
 
     def check_module(self, module: str) -> None:
         """Format-specific checks of one adapted module against its own config (headers only),
@@ -116,6 +119,27 @@ class Checkpoint:
         if tf is None:
             raise WdaError(self.source, f"tensor {key!r} is missing", "the file changed while it was read?")
         return tf.read(key)
+
+    def read_many(self, keys: list[str], alloc: Alloc | None = None) -> dict[str, torch.Tensor]:
+        """Several stored tensors; those of one file are read with it opened once. Keys not in
+        the indexed files (a format with its own storage) go through ``read``."""
+        by_file: dict[TensorFile, list[str]] = {}
+        out: dict[str, torch.Tensor] = {}
+        for key in keys:
+            tf = self._tensors.get(key)
+            if tf is None:
+                out[key] = self.read(key)
+            else:
+                by_file.setdefault(tf, []).append(key)
+        for tf, names in by_file.items():
+            out.update(tf.read_many(names, alloc))
+        return {k: out[k] for k in keys}
+
+    @property
+    def holds_data(self) -> bool:
+        """Whether keeping this checkpoint open keeps file data in memory (a mapped or loaded
+        .bin, a format with its own storage), not only its headers."""
+        return not self._files or any(tf.holds_data for tf in self._files.values())
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -152,7 +176,9 @@ class Checkpoint:
         self._files[path] = tf
         if names is None:  # a single weights file, not a shard
             self.source = path
-        for name in (names if names is not None else tf.shapes):
+            self._tensors.update(dict.fromkeys(tf.shapes, tf))
+            return
+        for name in names:
             if name not in tf.shapes:
                 raise WdaError(path, f"tensor {name!r} listed in the index is missing from this shard",
                                "the shards and the index do not belong together")
@@ -177,10 +203,59 @@ class Checkpoint:
                                "copy the missing shard or remove this checkpoint")
             self._add_file(shard, by_file[fname])
 
-    def _weights_from_keys(self, prefix: str = "") -> dict[str, TensorInfo]:
-        """Every ``<prefix><module>.weight`` tensor: module -> its info."""
-        out = {}
-        for key in self._tensors:
-            if key.startswith(prefix) and key.endswith(WEIGHT_SUFFIX):
-                out[key[len(prefix): -len(WEIGHT_SUFFIX)]] = self.info(key)
-        return out
+    def _weights_from_keys(self, prefix: str = "") -> Mapping[str, TensorInfo]:
+        """Every ``<prefix><module>.weight`` tensor: module -> its info (made when looked up:
+        a checkpoint of many modules is often opened for a few of them)."""
+        return _LazyInfos(self, self._module_keys(prefix))
+
+    def _module_keys(self, prefix: str) -> dict[str, str]:
+        """module -> key of its weight. Checkpoints with the same header share one table."""
+        files = list(self._files.values())
+        table = files[0].shapes if len(files) == 1 else None
+        if table is None or len(table) != len(self._tensors):  # several files, or part of one
+            return _module_keys(self._tensors, prefix)
+        hit = _MODULE_KEYS.get((id(table), prefix))
+        if hit is None or hit[0] is not table:  # (the table is held: its id is not reused)
+            if len(_MODULE_KEYS) >= _MODULE_KEYS_KEPT:
+                _MODULE_KEYS.pop(next(iter(_MODULE_KEYS), None), None)
+            hit = _MODULE_KEYS[(id(table), prefix)] = (table, _module_keys(table, prefix))
+        return hit[1]
+
+    def same_weights_key(self) -> tuple | None:
+        """Equal for two full-weight checkpoints whose weights have the same names, shapes
+        and dtypes (same headers, read the same way); None when that is not known. Lets
+        header checks run once for all the checkpoints of a run that share their header."""
+        if self.is_adapter or not isinstance(self.weights, _LazyInfos) or not self._files:
+            return None
+        return (type(self), id(self.weights.keys_table), *(id(tf.shapes) for tf in self._files.values()))
+
+
+def _module_keys(keys, prefix: str) -> dict[str, str]:
+    n = len(WEIGHT_SUFFIX)
+    return {key[len(prefix): -n]: key for key in keys if key.endswith(WEIGHT_SUFFIX) and key.startswith(prefix)}
+
+
+_MODULE_KEYS: dict[tuple[int, str], tuple[dict, dict[str, str]]] = {}
+_MODULE_KEYS_KEPT = 64
+
+
+class _LazyInfos(Mapping):
+    """module -> ``TensorInfo`` of its weight, each made on first lookup."""
+
+    def __init__(self, ck: Checkpoint, keys: dict[str, str]) -> None:
+        self._ck, self.keys_table, self._made = ck, keys, {}
+
+    def __getitem__(self, module: str) -> TensorInfo:
+        info = self._made.get(module)
+        if info is None:
+            info = self._made[module] = self._ck.info(self.keys_table[module])
+        return info
+
+    def __contains__(self, module: object) -> bool:
+        return module in self.keys_table
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys_table)
+
+    def __len__(self) -> int:
+        return len(self.keys_table)

@@ -8,6 +8,9 @@ every format uses.
 from __future__ import annotations
 
 import json
+import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +24,60 @@ SAFETENSORS_FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F
 
 
 # ---- tensor files ------------------------------------------------------------------------
+# The safetensors format (https://huggingface.co/docs/safetensors): an 8-byte little-endian
+# header length N, N bytes of JSON ({name: {"dtype", "shape", "data_offsets": [begin, end]}},
+# "__metadata__": {str: str}), then the data; offsets are relative to the end of the header.
+# Bits per element of every dtype the format defines (what its validation checks sizes with).
+SAFETENSORS_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8,
+                    "F8_E5M2FNUZ": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+                    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+                    "C64": 64, "F64": 64, "I64": 64, "U64": 64}
+SAFETENSORS_MAX_HEADER = 100_000_000  # the format's own limit
+_TORCH_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+    ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
+    ("BOOL", "bool"), ("C64", "complex64"), ("U64", "uint64"), ("U32", "uint32"), ("U16", "uint16"),
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"), ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, attr)}
+_U64 = 2**64 - 1
+# Parsed headers by their bytes: the checkpoints of a run usually have the same header
+# (same names, shapes, dtypes, offsets), so it is parsed and checked once and its tables are
+# shared (read only) by every file that has it.
+_HEADERS: dict[bytes, tuple] = {}
+_HEADERS_KEPT = 64
+_HEADER_CACHED_MAX = 1 << 20  # bytes of one header kept (a large model's is ~50 KB)
+_INTS = frozenset({int})
+
+# Allocates the bytes one tensor is read into: ``alloc(nbytes) -> uint8 tensor`` of exactly
+# ``nbytes`` (a pooled buffer, pinned memory for CUDA). The default: a new tensor.
+Alloc = Callable[[int], torch.Tensor]
+
+
+def _new_buffer(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
 class TensorFile:
     """One weights file (.safetensors or .bin): names and shapes from the header, tensors
-    read one at a time. Safetensors are memory-mapped; .bin files are loaded with
-    ``weights_only=True`` (and ``mmap=True`` where the format allows)."""
+    read one at a time. Safetensors: the header is parsed once, each tensor is read with
+    ``os.preadv`` of exactly its byte range into a buffer the caller may supply (nothing stays
+    mapped, nothing stays open). .bin files are loaded with ``weights_only=True`` (and
+    ``mmap=True`` where the format allows): they hold their mapping until dropped."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._st = None  # safetensors handle
         self._sd: dict[str, torch.Tensor] | None = None  # .bin state dict (mmap)
+        # safetensors: name -> (dtype, shape, start, end), offsets from the start of the file
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._dtypes: dict[str, str] = {}  # stored dtype as written in the header
         self._floating: dict[str, bool] = {}
         self._open()
+
+    @property
+    def holds_data(self) -> bool:
+        """Whether this object keeps file data (a mapped or loaded .bin) rather than a header."""
+        return self._sd is not None
 
     def _open(self) -> None:
         if not self.path.is_file():
@@ -42,24 +86,112 @@ class TensorFile:
             self._open_safetensors()
         else:
             self._open_bin()
-        self._size = _size_now(self.path)
+            self._size = _size_now(self.path)
 
     def _open_safetensors(self) -> None:
-        from safetensors import safe_open
-
         try:
-            # safe_open checks the header against the file size: a truncated or padded file
-            # fails here ("file not fully covered"), before any tensor is read.
-            handle = safe_open(str(self.path), framework="pt", device="cpu")
-            slices = {k: handle.get_slice(k) for k in handle.keys()}
-            shapes = {k: tuple(sl.get_shape()) for k, sl in slices.items()}
-            dtypes = {k: str(sl.get_dtype()) for k, sl in slices.items()}
-        except Exception as exc:  # SafetensorError, OSError, ... : one clean line
-            raise WdaError(self.path, f"not a readable safetensors file ({short(exc)})",
-                           "re-save or remove this checkpoint") from None
-        self._st, self._shapes = handle, shapes
-        self._floating = {k: d in SAFETENSORS_FLOAT_DTYPES for k, d in dtypes.items()}
-        self._dtypes = dtypes
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise self._bad(short(exc)) from None
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, 8, 0)
+            if len(head) < 8:
+                raise self._bad("shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > SAFETENSORS_MAX_HEADER:
+                raise self._bad(f"header length {n} is over the format's limit")
+            if 8 + n > size:
+                raise self._bad(f"header length {n} runs past the end of the file ({size} bytes)")
+            raw = os.pread(fd, n, 8)
+        except OSError as exc:
+            raise self._bad(short(exc)) from None
+        finally:
+            os.close(fd)
+        if len(raw) < n:
+            raise self._bad(f"cut short inside the header ({8 + len(raw)} of {8 + n} bytes)")
+        self._size = size
+        parsed = _HEADERS.get(raw)
+        if parsed is None:
+            parsed = self._parse_header(raw, 8 + n)
+            if len(raw) <= _HEADER_CACHED_MAX:
+                if len(_HEADERS) >= _HEADERS_KEPT:  # oldest out (safe from two threads: pop, default)
+                    _HEADERS.pop(next(iter(_HEADERS), None), None)
+                _HEADERS[raw] = parsed
+        self._entries, self._shapes, self._dtypes, self._floating, end = parsed
+        if end != size:
+            raise self._bad(f"the header covers {end} bytes, the file has {size}")
+
+    def _bad(self, why: str) -> WdaError:
+        return WdaError(self.path, f"not a readable safetensors file ({why})", "re-save or remove this checkpoint")
+
+    def _parse_header(self, raw: bytes, data_start: int) -> tuple:
+        """The checks of the safetensors format's own validation: a JSON object of entries
+        with a known dtype, a shape of non-negative integers and offsets that tile the data
+        section exactly (no gap, no overlap; that nothing follows the last tensor is checked
+        against the file's size by the caller). Returns (entries, shapes, dtypes, floating,
+        where the data ends)."""
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self._bad("header is not UTF-8") from None
+        try:
+            header = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise self._bad(f"header is not valid JSON: {short(exc)}") from None
+        if not isinstance(header, dict):
+            raise self._bad("header is not a JSON object")
+        meta = header.pop("__metadata__", None)
+        if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+            raise self._bad("__metadata__ is not a map of strings")
+        # (begin, end, name, dtype, shape): sorts by offsets. The common case is checked
+        # with builtins only (a few hundred thousand entries in a large run's headers);
+        # anything unusual goes through ``_entry`` for the precise message.
+        rows = []
+        bits_of, ints = SAFETENSORS_BITS, _INTS
+        for name, info in header.items():
+            try:
+                dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+                ok = (type(dtype) is str and dtype in bits_of and type(shape) is list
+                      and ints.issuperset(map(type, shape)) and min(shape, default=0) >= 0
+                      and max(shape, default=0) <= _U64 and type(begin) is int and type(end) is int
+                      and 0 <= begin and end <= _U64 and type(info["data_offsets"]) is list)
+            except (TypeError, KeyError, ValueError, IndexError):
+                ok = False
+            if not ok:
+                dtype, shape, begin, end = self._entry(name, info)
+            rows.append((begin, end, name, dtype, tuple(shape)))
+        rows.sort()
+        at = 0
+        for begin, end, name, dtype, shape in rows:
+            if begin != at or end < begin:
+                raise self._bad(f"tensor {short_repr(name)}: data_offsets [{begin}, {end}] do not follow "
+                                f"the previous tensor (at {at})")
+            bits = math.prod(shape) * bits_of[dtype]
+            if bits % 8 or bits // 8 != end - begin:
+                raise self._bad(f"tensor {short_repr(name)}: {end - begin} bytes for shape "
+                                f"{list(shape)} of {dtype}")
+            at = end
+        floats = SAFETENSORS_FLOAT_DTYPES
+        entries = {name: (dtype, shape, data_start + begin, data_start + end)
+                   for begin, end, name, dtype, shape in rows}
+        return (entries, {name: shape for _, _, name, _, shape in rows},
+                {name: dtype for _, _, name, dtype, _ in rows},
+                {name: dtype in floats for _, _, name, dtype, _ in rows}, data_start + at)
+
+    def _entry(self, name: str, info: Any) -> tuple[str, tuple[int, ...], int, int]:
+        if isinstance(info, list) and len(info) == 3:  # a struct may also be written as a sequence
+            info = dict(zip(("dtype", "shape", "data_offsets"), info))
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise self._bad(f"tensor {short_repr(name)}: entry is not {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_BITS:
+            raise self._bad(f"tensor {short_repr(name)}: unknown dtype {short_repr(dtype)}")
+        if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
+            raise self._bad(f"tensor {short_repr(name)}: shape {short_repr(shape)} is not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_u64(o) for o in offsets)):
+            raise self._bad(f"tensor {short_repr(name)}: data_offsets {short_repr(offsets)} are not [begin, end]")
+        return dtype, tuple(shape), offsets[0], offsets[1]
 
     def _open_bin(self) -> None:
         sd = None
@@ -91,24 +223,66 @@ class TensorFile:
     def is_floating(self, name: str) -> bool:
         return self._floating[name]
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, alloc: Alloc | None = None) -> torch.Tensor:
         """The tensor ``name`` on the CPU, in its stored dtype."""
-        # Tensors are views of the memory-mapped file: touching pages past the end of a file
-        # cut short after it was opened kills the process (SIGBUS), it raises nothing. A file
-        # rewritten in place (a training job still saving) shows as a new size: stop here.
-        size = _size_now(self.path)
+        return self.read_many([name], alloc)[name]
+
+    def read_many(self, names: list[str], alloc: Alloc | None = None) -> dict[str, torch.Tensor]:
+        """Several tensors of this file, the file opened once. Safetensors: each into a buffer
+        from ``alloc`` (default: a new one); .bin: views of the loaded state dict."""
+        missing = [n for n in names if n not in self._shapes]
+        if missing:
+            raise WdaError(self.path, f"tensor {missing[0]!r} is missing", "the file changed while it was read?")
+        if self._sd is not None:
+            self._check_size(_size_now(self.path))
+            return {n: self._sd[n] for n in names}
+        alloc = alloc or _new_buffer
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise WdaError(self.path, f"not a readable safetensors file ({short(exc)})",
+                           "re-save or remove this checkpoint") from None
+        try:
+            self._check_size(os.fstat(fd).st_size)
+            return {n: self._pread(fd, n, alloc) for n in names}
+        finally:
+            os.close(fd)
+
+    def _pread(self, fd: int, name: str, alloc: Alloc) -> torch.Tensor:
+        stored, shape, start, end = self._entries[name]
+        dtype = _TORCH_DTYPES.get(stored)
+        if dtype is None:
+            raise WdaError(self.path, f"tensor {name!r} is stored as {stored}, which torch {torch.__version__} "
+                                      "cannot hold", "convert the checkpoint to a supported dtype")
+        n = end - start
+        if n == 0:
+            return torch.empty(shape, dtype=dtype)
+        buf = alloc(n)
+        view, done = memoryview(buf.numpy()), 0
+        try:
+            while done < n:
+                got = os.preadv(fd, [view[done:]], start + done)
+                if got == 0:
+                    raise WdaError(self.path, f"cut short: tensor {name!r} ends at byte {end}, the file "
+                                              f"ends at {start + done}", "the file may be truncated")
+                done += got
+        except OSError as exc:
+            raise WdaError(self.path, f"cannot read tensor {name!r} ({short(exc)})",
+                           "the file may be truncated or on a failing disk") from None
+        finally:
+            view.release()
+        return buf.view(dtype).reshape(shape)
+
+    def _check_size(self, size: int | None) -> None:
+        # A file rewritten in place (a training job still saving) shows as a new size: stop
+        # here rather than read a mix of two versions.
         if size is not None and size != self._size:
             raise WdaError(self.path, f"changed on disk while being analysed ({self._size} -> {size} bytes)",
                            "is a training job still writing it? rerun once it is complete")
-        try:
-            if self._st is not None:
-                return self._st.get_tensor(name)
-            return self._sd[name]
-        except KeyError:
-            raise WdaError(self.path, f"tensor {name!r} is missing", "the file changed while it was read?") from None
-        except Exception as exc:
-            raise WdaError(self.path, f"cannot read tensor {name!r} ({short(exc)})",
-                           "the file may be truncated or corrupt") from None
+
+
+def _is_u64(v: Any) -> bool:
+    return type(v) is int and 0 <= v <= _U64
 
 
 def _size_now(path: Path) -> int | None:
