@@ -161,7 +161,7 @@ def test_trajectories_against_the_training_loss_leave_out_runs_without_it():
     df["train_loss"] = [loss[s] if r in ("ft", "lora") else np.nan for r, s in zip(df["run"], df["step"])]
     fig = trajectories(df, "q_proj", x="train_loss")
     axes = data_axes(fig)
-    assert len(axes) == 2 * 2 and [ax.get_title() for ax in axes[:2]] == ["FT", "LoRA"]
+    assert len(axes) == 2 * 2 and [ax.get_title() for ax in axes[:2]] == ["ft (FT)", "lora (LoRA)"]
     for ax in axes:
         for line in ax.get_lines():  # in training order: the loss falls along the line
             assert list(line.get_xdata()) == [3.0, 2.5, 2.25]
