@@ -21,16 +21,17 @@ from typing import Iterator
 import pandas as pd
 import torch
 
-from wda.checkpoints import WEIGHT_SUFFIX, AdapterConfig, HandleCache
-from wda.decompose import AXES, BaseWeight, NonFiniteWeights
+from wda.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
 from wda.errors import WdaError
+from wda.formats import HandleCache
 from wda.layout import Layout, ModuleInfo, Run, discover
 from wda.prefetch import prefetched, stage
+from wda.trainer_state import LOG_COLUMNS
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ["run", "method", "step", "module", "layer", "matrix", "delta_m", "delta_d",
-                  "n_vectors", "n_excluded", "m0_mean", "axis", "stack"]
+METRIC_COLUMNS = ["run", "method", "step", "module", "layer", "matrix", *MEASUREMENT_FIELDS,
+                  "axis", "stack", *LOG_COLUMNS]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -42,17 +43,25 @@ class AnalysisOptions:
     axis: str = "out"  # "out": one magnitude per output feature (norm over dim=1 of (out, in))
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # compute dtype, whatever the stored one
-    base: str | None = None  # W_0 folder, default CKPT_DIR/base
+    base: str | None = None  # W_0: a folder, a file or a cached hub id; default CKPT_DIR/base
+    runs: tuple[tuple[str, str], ...] = ()  # runs given one by one: (name, folder)
     fan_in_fan_out: bool | None = None  # force the (in, out) Conv1D layout on or off
     skip_broken: bool = False
-    progress: bool = True
+    progress: bool | None = None  # None: a bar only when stderr is a terminal (tqdm's convention)
     prefetch: int = 2  # matrices read ahead of the one being measured
 
     def __post_init__(self) -> None:
+        runs = self.runs.items() if isinstance(self.runs, dict) else self.runs
+        object.__setattr__(self, "runs", tuple((str(n), str(p)) for n, p in runs))
         if self.axis not in AXES:
             raise WdaError(None, f"--axis must be one of {', '.join(AXES)}, not {self.axis!r}")
         if self.dtype not in DTYPES:
             raise WdaError(None, f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+
+    def discover(self, ckpt_dir: str | Path | None) -> Layout:
+        """What these options analyse in ``ckpt_dir`` (headers only)."""
+        return discover(ckpt_dir, base=self.base, modules=list(self.modules or []) or None,
+                        fan_in_fan_out=self.fan_in_fan_out, skip_broken=self.skip_broken, runs=self.runs)
 
 
 @dataclass
@@ -103,7 +112,7 @@ _BATCH_FULL = 4  # full-weight checkpoints of one matrix measured in one pass ov
 @dataclass
 class _Loaded:
     tensors: dict[str, torch.Tensor]  # stored dtype: "w", or "a", "b", "m" of an adapter
-    adapter: AdapterConfig | None
+    scaling: float | None  # of B·A for an adapter; None for a full weight
     source: Path  # the file the tensors came from (named in errors)
     ready: object = None  # CUDA: event recorded after the copies to the device
 
@@ -116,14 +125,12 @@ class _Loaded:
 def _read_item(item: _Item, cache: HandleCache) -> _Loaded:
     """The stored tensors of one matrix."""
     ck = cache.get(item.path)
-    if ck.adapter is None:
-        name = item.module.name + WEIGHT_SUFFIX
-        return _Loaded({"w": ck.read(name)}, None, ck.file_of(name))
-    keys = ck.adapter_modules[item.run.adapter_names[item.module.name]]
-    out = {"m": ck.read(keys.magnitude)} if keys.magnitude else {}
-    if keys.a is not None:
-        out["a"], out["b"] = ck.read(keys.a), ck.read(keys.b)
-    return _Loaded(out, ck.adapter, ck.adapter_file)
+    name = item.module.name
+    if not ck.is_adapter:
+        return _Loaded({"w": ck.read_weight(name)}, None, ck.weights[name].file)
+    # an adapter's own module name: prefixes may differ from the base's by a wrapper
+    info = ck.adapters[item.run.adapter_names[name]]
+    return _Loaded(ck.read_adapter(item.run.adapter_names[name]), info.scaling, info.file)
 
 
 def _is_full(item: _Item) -> bool:
@@ -203,7 +210,7 @@ class _Measurer:
             self.flush()
             self.base = None  # let the previous W_0 go first
             self.base = _prepare_base(item, data, self.dev, self.dtype, self.options.axis)
-        elif data.adapter is not None:
+        elif data.scaling is not None:
             self._flush_full()
             self._pending.append((item, data))
             self._rank += sum(v.shape[0] for k, v in data.tensors.items() if k == "a")
@@ -245,8 +252,7 @@ class _Measurer:
         low = [i for i, t in enumerate(tensors) if "a" in t and not ("m" in t and base.dim == 0)]
         proj = dict(zip(low, base.project([(tensors[i]["a"], tensors[i]["b"]) for i in low])))
         for i, ((item, data), t) in enumerate(zip(pending, tensors)):
-            # scaling from this checkpoint's own config; PEFT patterns match the adapter's name
-            s = data.adapter.scaling(item.run.adapter_names[item.module.name])
+            s = data.scaling  # this checkpoint's own, for this module
             if "a" not in t:  # magnitude only (paper Table 6): W' = m · W_0 / ||W_0||
                 self._record(item, data, lambda t=t: base.measure_rescaled(t["m"]))
             else:
@@ -272,11 +278,12 @@ class _Measurer:
         self.broken[str(item.path)] = str(err)
 
 
-def run_analysis(ckpt_dir: str | Path, options: AnalysisOptions = AnalysisOptions()) -> AnalysisResult:
-    """Discover, check and measure everything; the full result with its provenance."""
+def run_analysis(ckpt_dir: str | Path | None, options: AnalysisOptions = AnalysisOptions(),
+                 layout: Layout | None = None) -> AnalysisResult:
+    """Discover, check and measure everything; the full result with its provenance.
+    ``layout``: what ``options.discover(ckpt_dir)`` found, if already called."""
     t0 = time.perf_counter()
-    layout = discover(ckpt_dir, base=options.base, modules=list(options.modules or []) or None,
-                      fan_in_fan_out=options.fan_in_fan_out, skip_broken=options.skip_broken)
+    layout = layout if layout is not None else options.discover(ckpt_dir)
     dev = resolve_device(options.device)
     dtype = DTYPES[options.dtype]
     items = list(_work_items(layout))
@@ -287,7 +294,7 @@ def run_analysis(ckpt_dir: str | Path, options: AnalysisOptions = AnalysisOption
     work = _Measurer(options, dev, dtype)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(items), desc="wda: measuring", unit="matrix", disable=not options.progress)
+    bar = tqdm(total=len(items), desc="wda: measuring", unit="matrix", disable=None if options.progress is None else not options.progress)
     try:
         for item, data in prefetched(items, _reader(cache, dev), options.prefetch, _is_full):
             bar.update(1)
@@ -316,9 +323,13 @@ def _drop_broken(layout: Layout, broken: dict[str, str]) -> None:
 def _row(item: _Item, meas, axis: str) -> dict:
     m = item.module
     return {"run": item.run.name, "method": item.run.method, "step": item.step, "module": m.name,
-            "layer": m.layer, "matrix": m.matrix, "delta_m": meas.delta_m, "delta_d": meas.delta_d,
-            "n_vectors": meas.n_vectors, "n_excluded": meas.n_excluded, "m0_mean": meas.m0_mean,
-            "axis": axis, "stack": m.stack, "_path": str(item.path)}
+            "layer": m.layer, "matrix": m.matrix, **{f: getattr(meas, f) for f in MEASUREMENT_FIELDS},
+            "axis": axis, "stack": m.stack, **_logged(item), "_path": str(item.path)}
+
+
+def _logged(item: _Item) -> dict[str, float | None]:
+    """What the Trainer logged nearest this checkpoint (empty when it logged nothing)."""
+    return {c: item.run.train_log.get(item.step, {}).get(c) for c in LOG_COLUMNS}
 
 
 def _table(rows: list[dict]) -> pd.DataFrame:
@@ -330,10 +341,11 @@ def _table(rows: list[dict]) -> pd.DataFrame:
     return df.drop(columns="_m").reset_index(drop=True)
 
 
-def analyze(ckpt_dir: str | Path, modules: list[str] | tuple[str, ...] | None = None,
+def analyze(ckpt_dir: str | Path | None, modules: list[str] | tuple[str, ...] | None = None,
             axis: str = "out", device: str = "auto", dtype: str = "float32",
             base: str | Path | None = None, **kwargs) -> pd.DataFrame:
-    """ΔM (Eq. 3) and ΔD (Eq. 4) per (run, step, module) of a checkpoint directory.
+    """ΔM (Eq. 3) and ΔD (Eq. 4) per (run, step, module) of a checkpoint directory (a folder
+    of runs or one Trainer output_dir; None with ``runs={name: folder}``).
 
     ``modules``: name suffixes (``q_proj``) or regular expressions; default: the modules
     the adapters target, else the attention query/value projections. ``axis="out"``: one
@@ -344,12 +356,13 @@ def analyze(ckpt_dir: str | Path, modules: list[str] | tuple[str, ...] | None = 
     return run_analysis(ckpt_dir, opts).metrics
 
 
-def plan(ckpt_dir: str | Path, modules: list[str] | tuple[str, ...] | None = None,
+def plan(ckpt_dir: str | Path | None, modules: list[str] | tuple[str, ...] | None = None,
          base: str | Path | None = None, fan_in_fan_out: bool | None = None,
-         skip_broken: bool = False) -> pd.DataFrame:
+         skip_broken: bool = False, runs=()) -> pd.DataFrame:
     """Dry run (headers only): one row per (run, step, module) that would be measured."""
     layout = discover(ckpt_dir, base=base, modules=list(modules) if modules else None,
-                      fan_in_fan_out=fan_in_fan_out, skip_broken=skip_broken)
+                      fan_in_fan_out=fan_in_fan_out, skip_broken=skip_broken,
+                      runs=runs.items() if isinstance(runs, dict) else runs)
     rows = [{"run": r.name, "method": r.method, "step": s, "module": m.name, "layer": m.layer,
              "matrix": m.matrix, "out_features": m.out_features, "in_features": m.in_features,
              "transposed": m.transposed, "path": str(p)}

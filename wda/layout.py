@@ -10,16 +10,20 @@ reads headers only; no tensor data is loaded.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wda.checkpoints import (ADAPTER_CONFIG, CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, METHOD_ORDER,
-                             WEIGHT_SUFFIX, Checkpoint)
+from wda.formats import METHOD_ORDER, Checkpoint, TensorInfo, open_checkpoint
+from wda.formats.base import CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES
 from wda.errors import WdaError
+from wda.formats.tensors import present
+from wda.hub import cached_snapshot, describe, parse_hub_id
 from wda.names import matches
+from wda.trainer_state import check_step, logged_near, read_state
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,8 @@ class Run:
     steps: dict[int, Path]  # step -> checkpoint folder, sorted by step
     # base module -> the module's name inside this run's adapters (adapters only)
     adapter_names: dict[str, str] = field(default_factory=dict)
+    # step -> train_loss / learning_rate / epoch logged nearest it (trainer_state.json)
+    train_log: dict[int, dict[str, float | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -115,25 +121,158 @@ def _listdir(d: Path) -> list[Path]:
         raise WdaError(d, f"cannot list this directory ({exc.strerror or exc})", "check its permissions") from None
 
 
-def _find_runs(root: Path, base: Path
-               ) -> tuple[list[tuple[str, dict[int, Path]]], list[str], list[WdaError]]:
+def _holds_checkpoints(d: Path) -> bool:
+    """``d`` is one run: ``checkpoint-<step>/`` folders directly inside (a Trainer output_dir)."""
+    return any(c.name.startswith(CHECKPOINT_PREFIX) and c.is_dir() for c in _listdir(d))
+
+
+RawRun = tuple[str, Path, dict[int, Path]]  # name, folder, step -> checkpoint folder
+
+
+def _find_runs(root: Path, exclude: set[Path]) -> tuple[list[RawRun], list[str], list[WdaError]]:
     runs, notes, problems = [], [], []
+    skip = {p.resolve() for p in exclude}
     for d in sorted(_listdir(root)):
-        if not d.is_dir() or d.name.startswith(".") or d.resolve() == base.resolve():
+        if not d.is_dir() or d.name.startswith(".") or d.resolve() in skip:
             continue
         steps, bad = _steps_of(d)
         problems += bad
         if steps:
-            runs.append((d.name, steps))
+            runs.append((d.name, d, steps))
         elif not bad:
             notes.append(f"{d}: ignored (no {CHECKPOINT_PREFIX}<step> folders)")
     return runs, notes, problems
 
 
+_RUN_HINT = f"--run NAME=PATH takes a run's folder of {CHECKPOINT_PREFIX}<step>/ folders (a Trainer output_dir)"
+
+
+def _given_run(name: str, path: Path) -> tuple[dict[int, Path], list[WdaError]]:
+    """The steps of a run given as ``--run NAME=PATH``: a folder of checkpoints, or one
+    ``checkpoint-<step>/`` folder."""
+    if not path.exists():
+        raise WdaError(path, f"does not exist (--run {name}=...)", _RUN_HINT)
+    if not path.is_dir():
+        raise WdaError(path, f"is not a directory (--run {name}=...)", _RUN_HINT)
+    if _holds_checkpoints(path):
+        return _steps_of(path)
+    raw = path.name[len(CHECKPOINT_PREFIX):]
+    if path.name.startswith(CHECKPOINT_PREFIX) and raw.isascii() and raw.isdigit():
+        return {int(raw): path}, []
+    raise WdaError(path, f"holds no {CHECKPOINT_PREFIX}<step>/ folders (--run {name}=...)", _RUN_HINT)
+
+
+def _gather_runs(ckpt_dir: str | Path | None, given: Sequence[tuple[str, str | Path]], base
+                 ) -> tuple[Path, Path | None, list[RawRun], list[str], list[WdaError]]:
+    """(root, root/base when CKPT_DIR is a folder of runs, runs, notes, problems): names only."""
+    runs: list[RawRun] = []
+    notes: list[str] = []
+    problems: list[WdaError] = []
+    root, base_dir = None, None
+    if ckpt_dir is not None:
+        root = Path(ckpt_dir)
+        if not root.exists():
+            raise WdaError(root, "does not exist", "check the CKPT_DIR path")
+        if not root.is_dir():
+            raise WdaError(root, "is not a directory",
+                           f"CKPT_DIR is a folder of runs, or one run's folder of {CHECKPOINT_PREFIX}<step>/ folders")
+        if base is None and not given and not any(_listdir(root)):
+            raise WdaError(root, "is empty", f"expected base/ and <run>/{CHECKPOINT_PREFIX}<step>/ folders")
+        if _holds_checkpoints(root):  # one run: a Trainer output_dir
+            steps, problems = _steps_of(root)
+            if steps:
+                runs.append((root.resolve().name, root, steps))
+        else:
+            base_dir = root / "base"
+            exclude = {base_dir} | ({Path(base)} if base is not None and present(Path(base)) else set())
+            runs, notes, problems = _find_runs(root, exclude)
+    for name, path in given:
+        steps, bad = _given_run(name, Path(path))
+        if name in {r[0] for r in runs}:
+            raise WdaError(None, f"--run {name}={path}: a run named {name!r} is already analysed",
+                           "give each run its own name")
+        problems += bad
+        runs.append((name, Path(path), steps))
+    if root is None:
+        if not runs:
+            raise WdaError(None, "nothing to analyse", "give CKPT_DIR or --run NAME=PATH")
+        root = Path(os.path.commonpath([str(p.resolve()) for _, p, _ in runs]))
+    return root, base_dir, runs, notes, problems
+
+
+_BASE_HINT = "put the pretrained model in CKPT_DIR/base/, or pass --base PATH or --base org/name[@revision] " \
+             "(a model in the local Hugging Face cache)"
+
+
+def resolve_base(base: str | Path | None, base_dir: Path | None, where: Path, runs: list[RawRun]) -> Path:
+    """The base weights W_0: ``--base`` (a folder, a file, or a hub id found offline in the
+    local Hugging Face cache), else ``CKPT_DIR/base/``, else the base the adapters name."""
+    if base is not None:
+        path = Path(base)
+        if present(path):
+            return path
+        hub = parse_hub_id(str(base))
+        if hub is None:
+            raise WdaError(path, "no base weights (W_0) found", "check the --base path")
+        snapshot = cached_snapshot(*hub)
+        if snapshot is None:
+            raise WdaError(path, f"--base is neither a folder nor a cached model: looked for {describe(*hub)}",
+                           f"pass the folder of the pretrained weights, or download the model first "
+                           f"(huggingface-cli download {hub[0]})")
+        return snapshot
+    if base_dir is not None and present(base_dir):
+        return base_dir
+    named = _named_bases(runs)
+    if len({name for _, name in named}) > 1:
+        listed = ", ".join(sorted({repr(name) for _, name in named}))
+        raise WdaError(named[0][0], f"the adapters name different base models ({listed})",
+                       "analyse one base at a time; pass --base")
+    if named:
+        cfg, name = named[0]
+        if Path(name).expanduser().is_dir():
+            return Path(name).expanduser()
+        hub = parse_hub_id(name)
+        snapshot = cached_snapshot(*hub) if hub else None
+        if snapshot is not None:
+            return snapshot
+        looked = describe(*hub) if hub else "a folder of that name"
+        raise WdaError(cfg, f"no base weights (W_0) found: the adapter names base_model_name_or_path {name!r}; "
+                            f"looked for {looked}", _BASE_HINT)
+    raise WdaError(base_dir if base_dir is not None else where, "no base weights (W_0) found", _BASE_HINT)
+
+
+def _named_bases(runs: list[RawRun]) -> list[tuple[Path, str]]:
+    """(config file, base_model_name_or_path) of the first readable adapter of each run."""
+    out = []
+    for _, _, steps in runs:
+        for path in steps.values():
+            try:
+                ck = open_checkpoint(path)
+            except WdaError:  # reported where the checkpoints are opened
+                continue
+            if ck.base_model:
+                out.append((ck.method_file or ck.source, ck.base_model))
+            break
+    return out
+
+
+def _train_log(steps: dict[int, Path], states: dict[Path, dict]) -> dict[int, dict[str, float | None]]:
+    """step -> training loss / learning rate / epoch logged nearest it. Each checkpoint's
+    trainer_state.json holds the log up to its step: merged over the run's checkpoints."""
+    mine = {p: states[p] for p in steps.values() if p in states}
+    if not mine:
+        return {}
+    history: dict[int, dict] = {}
+    for state in mine.values():
+        for entry in state.get("log_history", []):
+            if isinstance(entry.get("step"), int) and "loss" in entry:
+                history[entry["step"]] = entry
+    return {s: logged_near(list(history.values()), s, mine.get(p, {}).get("epoch")) for s, p in steps.items()}
+
+
 def _base_modules(base: Checkpoint) -> dict[str, tuple[int, ...]]:
-    """Every 2-D ``*.weight`` tensor of the base: name (without .weight) -> stored shape."""
-    return {k[: -len(WEIGHT_SUFFIX)]: s for k, s in base.shapes.items()
-            if k.endswith(WEIGHT_SUFFIX) and len(s) == 2}
+    """Every 2-D weight of the base: module name (without .weight) -> stored shape."""
+    return {m: t.shape for m, t in base.weights.items() if len(t.shape) == 2}
 
 
 def _map_adapter_module(amod: str, base_mods: dict, where: Path) -> str:
@@ -150,22 +289,20 @@ def _map_adapter_module(amod: str, base_mods: dict, where: Path) -> str:
                    "save the adapter with full module names")
 
 
-def discover(ckpt_dir: str | Path, base: str | Path | None = None,
+def discover(ckpt_dir: str | Path | None, base: str | Path | None = None,
              modules: list[str] | None = None, fan_in_fan_out: bool | None = None,
-             skip_broken: bool = False) -> Layout:
+             skip_broken: bool = False, runs: Sequence[tuple[str, str | Path]] = ()) -> Layout:
     """Find and check everything to analyse (headers only). Raises WdaError on bad input;
-    with ``skip_broken`` a broken checkpoint is skipped and listed instead."""
-    root = Path(ckpt_dir)
-    if not root.exists():
-        raise WdaError(root, "does not exist", "check the CKPT_DIR path")
-    if not root.is_dir():
-        raise WdaError(root, "is not a directory", "CKPT_DIR is the folder holding base/ and the run folders")
-    base_path = Path(base) if base is not None else root / "base"
-    if base is None and not any(_listdir(root)):
-        raise WdaError(root, "is empty", f"expected base/ and <run>/{CHECKPOINT_PREFIX}<step>/ folders")
-    if not base_path.exists():
-        raise WdaError(base_path, "no base weights (W_0) found", "put them in CKPT_DIR/base/ or pass --base PATH")
-    base_ck = Checkpoint(base_path)
+    with ``skip_broken`` a broken checkpoint is skipped and listed instead.
+
+    ``ckpt_dir``: a folder of runs (``<run>/checkpoint-<step>/``, base in ``base/``), or one
+    run (a Trainer ``output_dir`` holding ``checkpoint-<step>/``), or None when every run is
+    given in ``runs`` as (name, folder). ``base``: a folder, a weights file or a hub id
+    (``org/name[@revision]``, looked up offline in the local Hugging Face cache); default
+    ``CKPT_DIR/base/``, else the ``base_model_name_or_path`` the adapters name."""
+    root, base_dir, raw_runs, notes, problems = _gather_runs(ckpt_dir, runs, base)
+    base_path = resolve_base(base, base_dir, root, raw_runs)
+    base_ck = open_checkpoint(base_path)
     if base_ck.is_adapter:
         raise WdaError(base_path, "the base must hold full weights, not an adapter",
                        "put the pretrained model in base/ or pass --base PATH")
@@ -173,7 +310,6 @@ def discover(ckpt_dir: str | Path, base: str | Path | None = None,
     if not base_mods:
         raise WdaError(base_ck.source, "the base checkpoint holds no 2-D *.weight tensor to analyse",
                        "is this the pretrained model?")
-    raw_runs, notes, problems = _find_runs(root, base_path)
 
     skipped: list[tuple[str, str]] = []
 
@@ -188,29 +324,35 @@ def discover(ckpt_dir: str | Path, base: str | Path | None = None,
     if not raw_runs and skipped:
         raise WdaError(root, "no valid checkpoint left to analyse", "every checkpoint was skipped as broken")
     if not raw_runs:
-        raise WdaError(root, "no runs found", f"expected <run>/{CHECKPOINT_PREFIX}<step>/ folders beside base/")
+        raise WdaError(root, "no runs found", f"expected <run>/{CHECKPOINT_PREFIX}<step>/ folders beside base/, "
+                                              f"or {CHECKPOINT_PREFIX}<step>/ folders in CKPT_DIR itself")
 
     runs: list[Run] = []
     opened: dict[Path, Checkpoint] = {}
     base_names: dict[Path, dict[str, str]] = {}  # checkpoint -> {adapter module: base module}
-    for name, steps in raw_runs:
+    states: dict[Path, dict] = {}  # checkpoint -> its trainer_state.json
+    for name, run_dir, steps in raw_runs:
         ok_steps: dict[int, Path] = {}
         for step, path in steps.items():
             try:
-                ck = Checkpoint(path)
+                ck = open_checkpoint(path)
                 # adapter module names -> base modules (prefixes may differ by a wrapper)
-                names = {amod: _map_adapter_module(amod, base_mods, ck.adapter_file)
-                         for amod in ck.adapter_modules}
+                names = {amod: _map_adapter_module(amod, base_mods, info.file)
+                         for amod, info in ck.adapters.items()}
+                state = read_state(path)
+                if state is not None:
+                    check_step(path, step, state)
+                    states[path] = state
             except WdaError as err:
                 broken(path, err)
                 continue
             opened[path], base_names[path], ok_steps[step] = ck, names, path
-        method = _run_method(root / name, {s: opened[p] for s, p in ok_steps.items()}, broken)
+        method = _run_method(run_dir, {s: opened[p] for s, p in ok_steps.items()}, broken)
         ok_steps = {s: p for s, p in ok_steps.items() if opened[p].method == method}
         if not ok_steps:
-            notes.append(f"{root / name}: no readable checkpoint left, run dropped")
+            notes.append(f"{run_dir}: no readable checkpoint left, run dropped")
             continue
-        runs.append(Run(name, method, root / name, ok_steps))
+        runs.append(Run(name, method, run_dir, ok_steps, train_log=_train_log(ok_steps, states)))
 
     for run in runs:
         for path in run.steps.values():
@@ -220,7 +362,7 @@ def discover(ckpt_dir: str | Path, base: str | Path | None = None,
     transposed = _transposed_modules(base_ck, runs, opened, base_mods, fan_in_fan_out)
     infos = _select_modules(base_mods, runs, modules, base_ck, transposed)
     for m in infos:
-        _check_dtype(base_ck, m.name + WEIGHT_SUFFIX, base_ck.file_of(m.name + WEIGHT_SUFFIX))
+        _check_dtype(base_ck.weights[m.name])
     layout = Layout(root, base_path, runs, infos, skipped, notes)
     _validate(layout, opened, broken)
     layout.runs = sorted([r for r in layout.runs if r.steps], key=_run_order)
@@ -246,7 +388,7 @@ def _run_method(run_dir: Path, cks: dict[int, Checkpoint], broken: Broken) -> st
     method = ranked[0][0]
     for step, ck in cks.items():
         if ck.method != method:
-            what = ck.path / ADAPTER_CONFIG if ck.is_adapter else ck.source
+            what = ck.method_file or ck.source
             broken(ck.path, WdaError(what, f"makes this checkpoint {ck.method} but the other checkpoints "
                                            f"of run {run_dir.name!r} are {method}",
                                      "keep one method per run folder; check use_dora"))
@@ -272,8 +414,8 @@ def _transposed_modules(base: Checkpoint, runs: list[Run], opened: dict[Path, Ch
     for run in runs:
         for path in run.steps.values():
             ck = opened[path]
-            if ck.adapter is not None and ck.adapter.fan_in_fan_out:
-                out.update(b for b, a in run.adapter_names.items() if a in ck.adapter_modules)
+            if ck.fan_in_fan_out:
+                out.update(b for b, a in run.adapter_names.items() if a in ck.adapters)
     if base.model_type() in CONV1D_MODEL_TYPES:
         out.update(b for b in base_mods if parse_name(b)[1] in CONV1D_MODULE_NAMES)
     return out
@@ -330,55 +472,53 @@ def _validate(layout: Layout, opened: dict[Path, Checkpoint], broken: Broken) ->
                 del run.steps[step]
 
 
-def _check_dtype(ck: Checkpoint, key: str, where: Path) -> None:
+def _check_dtype(t: TensorInfo) -> None:
     """Only real-valued tensors can be measured: integer or boolean data (quantised weights,
     a mislabelled header) would be cast to float and give a silent wrong picture."""
-    if not ck.is_floating(key):
-        raise WdaError(where, f"{key} is stored as {ck.dtype_of(key)}, not as floating point",
+    if not t.floating:
+        raise WdaError(t.file, f"{t.key} is stored as {t.dtype}, not as floating point",
                        "quantised or mislabelled weights cannot be measured; dequantise or re-save them")
+
+
+def _part(t: TensorInfo, module: str) -> str:
+    """What a tensor is within its module, as the file names it (``lora_A``, ``lora_magnitude_vector``)."""
+    tail = t.key.rsplit(module + ".", 1)[-1]
+    return tail.removesuffix(".weight") or t.key
 
 
 def _check_module(ck: Checkpoint, m: ModuleInfo, run: Run) -> None:
     out_f, in_f = m.shape
-    if ck.adapter is None:
-        key = m.name + WEIGHT_SUFFIX
-        if not ck.has(key):
+    if not ck.is_adapter:
+        t = ck.weights.get(m.name)
+        if t is None:
             raise WdaError(ck.source, f"module {m.name!r} is missing (it is in the base checkpoint)",
                            "was this checkpoint saved from another model, or only partly?")
         stored = (in_f, out_f) if m.transposed else (out_f, in_f)
-        if ck.shapes[key] != stored:
-            raise WdaError(ck.file_of(key), f"{key} has shape {ck.shapes[key]}, the base has {stored}",
+        if t.shape != stored:
+            raise WdaError(t.file, f"{t.key} has shape {t.shape}, the base has {stored}",
                            "was this checkpoint saved from another model?")
-        _check_dtype(ck, key, ck.file_of(key))
+        _check_dtype(t)
         return
     amod = run.adapter_names[m.name]
-    keys = ck.adapter_modules.get(amod)
-    where = ck.adapter_file
-    resave = "the adapter weights and adapter_config.json do not belong together; re-save it with PEFT"
-    if keys is None:
-        raise WdaError(where, f"module {amod!r} is missing here but present in other checkpoints of run "
-                              f"{run.name!r}", "every checkpoint of a run must adapt the same modules")
-    if (keys.a is None) != (keys.b is None):
-        raise WdaError(where, f"module {amod!r} has {'lora_A' if keys.a else 'lora_B'} but no "
-                              f"{'lora_B' if keys.a else 'lora_A'}", "the adapter file is incomplete; re-save it")
-    cfg = ck.adapter
-    if keys.a is not None:
-        r = cfg.rank(amod)
-        shp_a, shp_b = ck.shapes[keys.a], ck.shapes[keys.b]
-        if shp_a != (r, in_f) or shp_b != (out_f, r):
-            raise WdaError(where, f"module {amod!r}: lora_A {shp_a} / lora_B {shp_b} do not fit "
-                                  f"rank {r} from adapter_config.json and base shape (out={out_f}, in={in_f})",
-                           resave)
-    if cfg.use_dora and keys.magnitude is None:
-        raise WdaError(where, f"DoRA adapter (use_dora) without lora_magnitude_vector for module {amod!r}",
+    info = ck.adapters.get(amod)
+    if info is None:
+        raise WdaError(ck.source, f"module {amod!r} is missing here but present in other checkpoints of run "
+                                  f"{run.name!r}", "every checkpoint of a run must adapt the same modules")
+    ck.check_module(amod)
+    where = info.file
+    resave = "the adapter weights and its config do not belong together; re-save it"
+    if (info.a is None) != (info.b is None):
+        raise WdaError(where, f"module {amod!r} has only one of its two low-rank factors",
                        "the adapter file is incomplete; re-save it")
-    if keys.magnitude is not None:
-        if not cfg.use_dora:
-            raise WdaError(where, f"module {amod!r} has a lora_magnitude_vector but use_dora is false in "
-                                  f"adapter_config.json", resave)
-        if ck.shapes[keys.magnitude] not in ((out_f,), (1, out_f), (out_f, 1)):
-            raise WdaError(where, f"module {amod!r}: lora_magnitude_vector has shape "
-                                  f"{ck.shapes[keys.magnitude]}, expected ({out_f},)", resave)
-    for key in (keys.a, keys.b, keys.magnitude):
-        if key is not None:
-            _check_dtype(ck, key, where)
+    if info.a is not None:
+        r = info.rank
+        if info.a.shape != (r, in_f) or info.b.shape != (out_f, r):
+            raise WdaError(where, f"module {amod!r}: {_part(info.a, amod)} {info.a.shape} / {_part(info.b, amod)} "
+                                  f"{info.b.shape} do not fit rank {r} from the adapter config and base shape "
+                                  f"(out={out_f}, in={in_f})", resave)
+    if info.m is not None and info.m.shape not in ((out_f,), (1, out_f), (out_f, 1)):
+        raise WdaError(where, f"module {amod!r}: {_part(info.m, amod)} has shape {info.m.shape}, "
+                              f"expected ({out_f},)", resave)
+    for t in (info.a, info.b, info.m):
+        if t is not None:
+            _check_dtype(t)
