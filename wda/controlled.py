@@ -71,6 +71,8 @@ log = logging.getLogger(__name__)
 
 ROLES = ("magnitude", "direction")
 OBJECTIVES = ("isotropic", "activations", "logits")
+DIAGNOSTICS = ("r_size", "r_alignment", "r_base_norm", "r_radial", "r_tangential",
+               "s_eff_median", "s_eff_cv", "a_eff_median", "a_eff_sd")
 
 
 @dataclass(frozen=True)
@@ -227,10 +229,15 @@ def plant(base: Transformer, cfg: ControlledConfig) -> tuple[Transformer, list[d
             basis = top_input_basis(w0, cfg.planes)
             wt = rotate_inputs(w0, basis, cfg.angle)
             planted = planted_changes(w0, role, basis=basis, angle=cfg.angle)
-        fit = measure(w0, w0.to(torch.float64) + best_lowrank_update(w0, wt, cfg.rank),
-                      dtype=torch.float64)
+        best = best_lowrank_update(w0, wt, cfg.rank)
+        fit = measure(w0, w0.to(torch.float64) + best, dtype=torch.float64)
+        planted_delta = wt.to(torch.float64) - w0.to(torch.float64)
         plan.append({"layer": i, "module": f"layers.{i}.attn.q_proj", "role": role, **planted,
-                     "lowrank_fit_delta_m": fit.delta_m, "lowrank_fit_delta_d": fit.delta_d})
+                     # the best rank-r update (what LoRA can reach at most): its ΔM, ΔD and
+                     # relative distance to the planted change (a floor for LoRA's rel_error)
+                     "lowrank_fit_delta_m": fit.delta_m, "lowrank_fit_delta_d": fit.delta_d,
+                     "lowrank_rel_error": ((planted_delta - best).norm()
+                                           / planted_delta.norm()).item()})
         w0.copy_(wt)
     return teacher.eval(), plan
 
@@ -387,14 +394,23 @@ def pooled_r(metrics: pd.DataFrame) -> dict[str, float]:
 
 
 def seed_table(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """One row per (run, method): the seed, the pooled r on q, and how close the student got
-    to the teacher (final step, mean over the layers of each kind)."""
+    """One row per (run, method): the seed, the pooled r on q, how close the student got to the
+    teacher (final step, mean over the layers of each kind: ``rel_error_mag``, ``cosine_dir``,
+    ...), the floor no rank-r update can beat (``lowrank_floor_mag``: Eckart–Young) and what
+    drives r (``wda.attribution``: its size / alignment / base-norm and radial / tangential
+    parts, the spread of the update sizes ``s_eff_cv`` and of the alignments ``a_eff_sd``)."""
+    from wda.attribution import drivers
+
     rows = []
     for d in run_dirs:
         d = Path(d)
         log_ = json.loads((d / "controlled_log.json").read_text())
-        roles = {p["layer"]: p["role"] for p in log_["plan"]}
-        r = pooled_r(query_metrics(d))
+        metrics = query_metrics(d)
+        drive = drivers(metrics, by=("method",)).set_index("method")
+        plan = pd.DataFrame(log_["plan"])
+        roles = dict(zip(plan["layer"], plan["role"]))
+        floor = plan.groupby("role")["lowrank_rel_error"].mean()
+        r = pooled_r(metrics)
         for method, hist in log_["runs"].items():
             fit = pd.DataFrame(hist["teacher_fit"])
             fit["role"] = fit["layer"].map(roles)
@@ -403,7 +419,9 @@ def seed_table(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
             rows.append({"run": str(d), "seed": log_["config"]["seed"], "method": name,
                          "pearson_r": r[name],
                          **{f"{k}_{role[:3]}": by.loc[role, k] for role in ROLES
-                            for k in ("rel_error", "cosine")}})
+                            for k in ("rel_error", "cosine")},
+                         **{f"lowrank_floor_{role[:3]}": floor[role] for role in ROLES},
+                         **{k: drive.loc[name, k] for k in DIAGNOSTICS}})
     return pd.DataFrame(rows)
 
 
