@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -152,3 +153,13 @@ def test_cli_rejects_bad_options(tmp_path, capsys):
     assert C.main(["--out", str(tmp_path / "x"), "--n-layers", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "2 layers" in err
+
+
+def test_predicted_r_is_pearson_over_the_plan():
+    plan = [{"delta_d": 0.0, "delta_m": 1.0, "lowrank_fit_delta_d": 0.2, "lowrank_fit_delta_m": 0.8},
+            {"delta_d": 0.1, "delta_m": 0.0, "lowrank_fit_delta_d": 0.1, "lowrank_fit_delta_m": 0.0},
+            {"delta_d": 0.0, "delta_m": 2.0, "lowrank_fit_delta_d": 0.3, "lowrank_fit_delta_m": 1.5}]
+    got = C.predicted_r(plan)
+    assert got["exact"] == pytest.approx(np.corrcoef([0, 0.1, 0], [1, 0, 2])[0, 1], abs=1e-12)
+    assert got["lowrank"] == pytest.approx(np.corrcoef([0.2, 0.1, 0.3], [0.8, 0, 1.5])[0, 1], abs=1e-12)
+    assert got["exact"] < 0 < got["lowrank"]

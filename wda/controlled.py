@@ -56,6 +56,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 
 import torch
@@ -360,6 +361,15 @@ def run_controlled(cfg: ControlledConfig) -> Path:
     return out
 
 
+def predicted_r(plan: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """r(ΔD, ΔM) across the layers of a plan, before any training: ``"exact"`` for a method
+    that makes the planted change exactly, ``"lowrank"`` for one that makes the best rank-r
+    update of it (Eckart–Young; what LoRA can reach at most)."""
+    exact = [(p["delta_d"], p["delta_m"]) for p in plan]
+    low = [(p["lowrank_fit_delta_d"], p["lowrank_fit_delta_m"]) for p in plan]
+    return {k: float(np.corrcoef(np.array(v).T)[0, 1]) for k, v in (("exact", exact), ("lowrank", low))}
+
+
 def _run_one(cfg: ControlledConfig) -> str:
     logging.basicConfig(level=logging.WARNING)
     return str(run_controlled(cfg))
@@ -394,7 +404,8 @@ def pooled_r(metrics: pd.DataFrame) -> dict[str, float]:
 
 
 def seed_table(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """One row per (run, method): the seed, the pooled r on q, how close the student got to the
+    """One row per (run, method): the seed, the pooled r on q, the r predicted from the plan
+    alone (``predicted_r``: exact change / best rank-r change), how close the student got to the
     teacher (final step, mean over the layers of each kind: ``rel_error_mag``, ``cosine_dir``,
     ...), the floor no rank-r update can beat (``lowrank_floor_mag``: Eckart–Young) and what
     drives r (``wda.attribution``: its size / alignment / base-norm and radial / tangential
@@ -410,6 +421,7 @@ def seed_table(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
         plan = pd.DataFrame(log_["plan"])
         roles = dict(zip(plan["layer"], plan["role"]))
         floor = plan.groupby("role")["lowrank_rel_error"].mean()
+        pred = predicted_r(log_["plan"])
         r = pooled_r(metrics)
         for method, hist in log_["runs"].items():
             fit = pd.DataFrame(hist["teacher_fit"])
@@ -417,7 +429,8 @@ def seed_table(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
             by = fit.groupby("role")[["rel_error", "cosine"]].mean()
             name = {"ft": "FT", "lora": "LoRA", "dora": "DoRA"}[method]
             rows.append({"run": str(d), "seed": log_["config"]["seed"], "method": name,
-                         "pearson_r": r[name],
+                         "pearson_r": r[name], "predicted_r_exact": pred["exact"],
+                         "predicted_r_lowrank": pred["lowrank"],
                          **{f"{k}_{role[:3]}": by.loc[role, k] for role in ROLES
                             for k in ("rel_error", "cosine")},
                          **{f"lowrank_floor_{role[:3]}": floor[role] for role in ROLES},
