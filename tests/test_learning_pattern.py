@@ -9,8 +9,13 @@ checkpoints) and asserts what held in (at least 4 of) 5 seeds of the sweep; the 
 pattern that did not hold are strict expected failures, so the test reports the day they
 start to hold (an XPASS fails the run).
 
+The controlled task of ``wda.controlled`` (a planted teacher: magnitude-only changes in half
+the layers' q, direction-only in the others) is the paper's capability claim under test: there
+the paper's three signs held in 10 of 10 seeds, and the test asserts them for two.
+
 Runtime: the default ``python -m wda.train`` run (pretraining, then 3 × 300 fine-tuning
-steps) plus one more DoRA run, on the two cores; see LEARNING_PATTERN.md for the measured time.
+steps) plus one more DoRA run, on the two cores, and two controlled runs on the same base
+(3 × 300 cheap regression steps each); see LEARNING_PATTERN.md for the measured time.
 The base is cached under $WDA_CACHE_DIR when that is set.
 """
 
