@@ -25,11 +25,14 @@ layers each (which half is drawn from the seed):
   keeps its norm exactly (ΔM = 0) and turns by a known angle. ``W_0 (R - I)`` has rank
   ``2 · planes`` ≤ r: all three methods can make it.
 
-The student learns the teacher by distillation (KL(teacher ‖ student) on next-byte
-distributions over ``corpus`` text) with FT, LoRA or DoRA on the query projections only (FT
-trains only those matrices too: the other weights are the teacher's, and a trained key
-projection could absorb a query rescaling), through ``wda.train.finetune`` — same batches,
-schedule and checkpointing as the natural runs. The output directory is a plain wda checkpoint
+The student (the base) learns the teacher's query maps (``objective="isotropic"``, the default:
+every query projection regresses the teacher's on inputs h ~ N(0, I), whose expected loss is the
+weight-space distance, so the planted change is the unique solution; ``"activations"``: on the
+teacher's own activations, ``"logits"``: KL on next-byte distributions — both leave directions the
+loss cannot see, see :func:`query_distillation_loss`) with FT, LoRA or DoRA on the query
+projections only (FT trains only those matrices too: a trained key projection could absorb a
+query rescaling), through ``wda.train.finetune`` — same optimizer, schedule and checkpointing as
+the natural runs. The output directory is a plain wda checkpoint
 directory (``base/``, ``ft/``, ``lora/``, ``dora/``), so ``wda.analyze``/``wda.report`` measure
 it as they measure any run; ``teacher/`` holds the teacher's weights and the plan (which layer got
 which change, and the planted ΔM/ΔD of each layer) as ``plan.json``.
@@ -37,7 +40,8 @@ which change, and the planted ΔM/ΔD of each layer) as ``plan.json``.
 Prediction (the paper's claim, made concrete): FT and DoRA put their magnitude change into the
 magnitude layers and their direction change into the direction layers, so r < 0; LoRA's
 magnitude change comes with a direction change of its own, and r > 0 when that rotation exceeds
-the planted one (``spread`` large against ``angle``). What it measured over seeds is in
+the planted one (``spread`` large against ``angle``). :func:`predicted_r` computes both signs from
+the plan before any training (exact change; best rank-r change). What it measured over seeds is in
 notebooks/LEARNING_PATTERN.md; ``tests/test_learning_pattern.py`` is the regression test.
 """
 
