@@ -9,8 +9,13 @@ checkpoints) and asserts what held in (at least 4 of) 5 seeds of the sweep; the 
 pattern that did not hold are strict expected failures, so the test reports the day they
 start to hold (an XPASS fails the run).
 
+The controlled task of ``wda.controlled`` (a planted teacher: magnitude-only changes in half
+the layers' q, direction-only in the others) is the paper's capability claim under test: there
+the paper's three signs held in 10 of 10 seeds, and the test asserts them for two.
+
 Runtime: the default ``python -m wda.train`` run (pretraining, then 3 × 300 fine-tuning
-steps) plus one more DoRA run, on the two cores; see LEARNING_PATTERN.md for the measured time.
+steps) plus one more DoRA run, on the two cores, and two controlled runs on the same base
+(3 × 300 cheap regression steps each); see LEARNING_PATTERN.md for the measured time.
 The base is cached under $WDA_CACHE_DIR when that is set.
 """
 
@@ -33,7 +38,16 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "learning_pattern
 
 
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
+def base_cache(tmp_path_factory) -> str:
+    """A base cache holding the default pretrained base (trained once for every run here)."""
+    cache = os.environ.get("WDA_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
+    train_all(TrainConfig(seed=0, threads=1, cache_dir=cache, methods=()),
+              tmp_path_factory.mktemp("base-only"))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, base_cache):
     """The README's default run (seed 0) measured on both axes, and a DoRA run with a 10x
     magnitude lr (the mechanism check), as ``(cfg, default metrics, mag10 metrics)``.
 
@@ -42,9 +56,7 @@ def default_run(tmp_path_factory):
     each: a method's result depends only on the base, the seed and its options.
     """
     tmp = tmp_path_factory.mktemp("learning_pattern")
-    cache = os.environ.get("WDA_CACHE_DIR") or str(tmp / "cache")
-    cfg = TrainConfig(seed=0, threads=1, cache_dir=cache)
-    train_all(dataclasses.replace(cfg, methods=()), tmp / "base-only")  # pretrain (or load) once
+    cfg = TrainConfig(seed=0, threads=1, cache_dir=base_cache)
     dirs = train_many({"ft": dataclasses.replace(cfg, methods=("ft",)),
                        "adapters": dataclasses.replace(cfg, methods=("lora", "dora")),
                        # the mechanism check: DoRA with a 10x faster magnitude vector
@@ -151,6 +163,50 @@ def test_paper_ft_query_correlation_is_negative(q_out):
                    "5 seeds only, positive (+0.37) in seed 0 (notebooks/LEARNING_PATTERN.md)")
 def test_paper_dora_query_correlation_is_negative(q_out):
     assert q_out["DoRA"] < 0, q_out
+
+
+# ---- the controlled test of the paper's capability claim (wda.controlled) ---------------------
+# Seeds the test uses; seeds 2-9 of the same setup are reported in LEARNING_PATTERN.md only.
+CONTROLLED_TEST_SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def controlled(tmp_path_factory, base_cache):
+    """``python -m wda.controlled`` with its defaults (the default base, planted teacher,
+    300 distillation steps per method) for the test seeds, two at once on the two cores."""
+    from wda.controlled import ControlledConfig, run_many, seed_table
+
+    tmp = tmp_path_factory.mktemp("controlled")
+    cfgs = [ControlledConfig(out=str(tmp / f"seed{s}"), seed=s, cache_dir=base_cache)
+            for s in CONTROLLED_TEST_SEEDS]
+    return seed_table(run_many(cfgs, workers=2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", CONTROLLED_TEST_SEEDS)
+def test_controlled_task_gives_the_papers_signs(controlled, seed):
+    """Paper: FT -0.62, LoRA +0.83, DoRA -0.31. On the planted task (magnitude-only changes in
+    half the layers, direction-only in the others) the signs are the paper's in 10 of 10 seeds
+    (notebooks/data/controlled_seeds.csv: FT -0.93 … -0.98, LoRA +0.89 … +1.00, DoRA -0.69 …
+    -0.92); the thresholds leave a margin of about 0.3 to the weakest of the 10 seeds.
+    This is a controlled test of the paper's capability claim, not its natural experiment."""
+    r = controlled[controlled["seed"] == seed].set_index("method")["pearson_r"]
+    assert r["FT"] < -0.6 and r["DoRA"] < -0.4 and r["LoRA"] > 0.6, r.to_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", CONTROLLED_TEST_SEEDS)
+def test_controlled_task_is_learned_as_planted(controlled, seed):
+    """The design does what it should: every method makes the planted rotation (a rank-4
+    update, within reach of rank 8) almost exactly; in the magnitude layers FT and DoRA get
+    well below the distance no rank-8 update can beat (the rescaling has full rank), and LoRA
+    stays at or above it (Eckart-Young: a check of the measurement, not of the training)."""
+    t = controlled[controlled["seed"] == seed].set_index("method")
+    assert (t["rel_error_dir"] < 0.05).all(), t["rel_error_dir"].to_dict()
+    assert (t["cosine_dir"] > 0.99).all(), t["cosine_dir"].to_dict()
+    floor = t["lowrank_floor_mag"].iloc[0]
+    assert t.loc["FT", "rel_error_mag"] < 0.7 * floor and t.loc["DoRA", "rel_error_mag"] < 0.7 * floor, t.to_dict()
+    assert t.loc["LoRA", "rel_error_mag"] >= floor * (1 - 1e-6), t.to_dict()
 
 
 # ---- the write-up executes ---------------------------------------------------------------------

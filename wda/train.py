@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 METHODS = ("ft", "lora", "dora")
 SCHEDULES = ("constant", "linear", "cosine")
 CACHE_FORMAT = 1  # bump when the pretraining code changes what a cached base contains
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -233,8 +234,12 @@ def train_loop(model: Transformer, groups: list[dict], data: torch.Tensor, *, st
                warmup: int, min_lr_ratio: float, betas: tuple[float, float], eps: float,
                grad_clip: float, evals: Sequence[EvalSet], eval_every: int, log_every: int,
                save_at: Sequence[int] = (), save: Callable[[int], None] | None = None,
-               on_step: Callable[[int], None] | None = None, tag: str = "train") -> dict[str, Any]:
+               on_step: Callable[[int], None] | None = None, tag: str = "train",
+               loss_fn: LossFn | None = None) -> dict[str, Any]:
     """AdamW on ``groups`` for ``steps`` updates; evaluate, log and save along the way.
+
+    ``loss_fn(model, x, y)`` is the training objective (default: next-byte cross entropy,
+    ``model.loss``); the evaluations always report ``model.loss`` on ``evals``.
 
     Returns the per-step training losses and learning rates, and the evaluations (at step
     0, every ``eval_every`` steps, at every saved step and at the end). ``on_step(done)`` runs
@@ -261,7 +266,7 @@ def train_loop(model: Transformer, groups: list[dict], data: torch.Tensor, *, st
         for g, lr in zip(opt.param_groups, peak):
             g["lr"] = lr * f
         x, y = random_batch(data, batch_size, seq_len, gen)
-        loss = model.loss(x, y)
+        loss = model.loss(x, y) if loss_fn is None else loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -431,9 +436,11 @@ def param_groups(cfg: TrainConfig, method: str,
 
 
 def finetune(cfg: TrainConfig, method: str, base: Transformer, corpora: Corpora,
-             out_dir: str | Path | None = None) -> tuple[Transformer, dict[str, Any]]:
+             out_dir: str | Path | None = None,
+             loss_fn: LossFn | None = None) -> tuple[Transformer, dict[str, Any]]:
     """Fine-tune a copy of ``base`` by ``method`` ("ft", "lora" or "dora") on the downstream
     corpus, saving ``out_dir/checkpoint-<step>/`` at the configured steps (if ``out_dir``).
+    ``loss_fn``: the objective (see :func:`train_loop`; default next-byte cross entropy).
 
     Returns the trained model (adapters still in place for LoRA/DoRA) and its history.
     Seeds torch's global RNG (adapter init, dropout) from ``cfg.seed`` and the method.
@@ -474,7 +481,7 @@ def finetune(cfg: TrainConfig, method: str, base: Transformer, corpora: Corpora,
         min_lr_ratio=cfg.min_lr_ratio, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         grad_clip=cfg.grad_clip, evals=eval_sets(cfg, corpora), eval_every=cfg.eval_every,
         log_every=cfg.log_every, save_at=save_at, save=save,
-        on_step=tracker.step if tracker is not None else None, tag=method)
+        on_step=tracker.step if tracker is not None else None, tag=method, loss_fn=loss_fn)
     model.eval()
     hist |= {"method": method, "trainable_params": n_trainable, "modules": modules,
              "checkpoint_steps": save_at, "peak_lr": [g["lr"] for g in groups]}
