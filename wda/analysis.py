@@ -24,6 +24,7 @@ import torch
 from wda.checkpoints import WEIGHT_SUFFIX, AdapterConfig, HandleCache
 from wda.decompose import AXES, BaseWeight, NonFiniteWeights
 from wda.errors import WdaError
+from wda.formats import fused_qkv
 from wda.layout import Layout, ModuleInfo, Run, discover
 from wda.prefetch import prefetched, stage
 
@@ -44,6 +45,7 @@ class AnalysisOptions:
     dtype: str = "float32"  # compute dtype, whatever the stored one
     base: str | None = None  # W_0 folder, default CKPT_DIR/base
     fan_in_fan_out: bool | None = None  # force the (in, out) Conv1D layout on or off
+    split_fused: bool = True  # fused attention projections measured as their q, k, v parts
     skip_broken: bool = False
     progress: bool = True
     prefetch: int = 2  # matrices read ahead of the one being measured
@@ -117,7 +119,7 @@ def _read_item(item: _Item, cache: HandleCache) -> _Loaded:
     """The stored tensors of one matrix."""
     ck = cache.get(item.path)
     if ck.adapter is None:
-        name = item.module.name + WEIGHT_SUFFIX
+        name = item.module.tensor + WEIGHT_SUFFIX
         return _Loaded({"w": ck.read(name)}, None, ck.file_of(name))
     keys = ck.adapter_modules[item.run.adapter_names[item.module.name]]
     out = {"m": ck.read(keys.magnitude)} if keys.magnitude else {}
@@ -149,7 +151,13 @@ def _reader(cache: HandleCache, dev: torch.device):
 
 # ---- measuring ---------------------------------------------------------------------------
 def _canonical(w: torch.Tensor, m: ModuleInfo) -> torch.Tensor:
-    return w.t() if m.transposed else w  # Conv1D (in, out) -> (out, in)
+    w = w.t() if m.transposed else w  # Conv1D (in, out) -> (out, in)
+    return _part_rows(w, m)
+
+
+def _part_rows(t: torch.Tensor, m: ModuleInfo) -> torch.Tensor:
+    """The rows of q, k or v of a fused projection (all rows of any other module)."""
+    return fused_qkv.select_rows(t, m.part.rows) if m.part is not None else t
 
 
 def _on_device(data: _Loaded, dev: torch.device) -> dict[str, torch.Tensor]:
@@ -172,10 +180,15 @@ def _prepare_base(item: _Item, data: _Loaded, dev: torch.device, dtype: torch.dt
         raise WdaError(data.source, f"non-finite values (NaN/Inf) in base module {item.module.name!r}") from None
 
 
-def _adapter_tensors(data: _Loaded, dev: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _adapter_tensors(data: _Loaded, dev: torch.device, dtype: torch.dtype,
+                     module: ModuleInfo) -> dict[str, torch.Tensor]:
     t = {k: v.to(dtype) for k, v in _on_device(data, dev).items()}
     if "m" in t:
-        t["m"] = t["m"].reshape(-1)  # (out,)
+        t["m"] = _part_rows(t["m"].reshape(-1), module)  # (out,)
+    if "b" in t:
+        # B's rows are the output rows of ΔW = s·B·A (and the DoRA norm is per output row):
+        # the rows of a fused module's part are exactly its merged rows
+        t["b"] = _part_rows(t["b"], module)
     return t
 
 
@@ -240,7 +253,7 @@ class _Measurer:
         if not pending:
             return
         base = self.base
-        tensors = [_adapter_tensors(d, self.dev, self.dtype) for _, d in pending]
+        tensors = [_adapter_tensors(d, self.dev, self.dtype, it.module) for it, d in pending]
         # the ones measured from their factors share one pass over W_0
         low = [i for i, t in enumerate(tensors) if "a" in t and not ("m" in t and base.dim == 0)]
         proj = dict(zip(low, base.project([(tensors[i]["a"], tensors[i]["b"]) for i in low])))
@@ -276,7 +289,8 @@ def run_analysis(ckpt_dir: str | Path, options: AnalysisOptions = AnalysisOption
     """Discover, check and measure everything; the full result with its provenance."""
     t0 = time.perf_counter()
     layout = discover(ckpt_dir, base=options.base, modules=list(options.modules or []) or None,
-                      fan_in_fan_out=options.fan_in_fan_out, skip_broken=options.skip_broken)
+                      fan_in_fan_out=options.fan_in_fan_out, skip_broken=options.skip_broken,
+                      split_fused=options.split_fused)
     dev = resolve_device(options.device)
     dtype = DTYPES[options.dtype]
     items = list(_work_items(layout))
@@ -346,10 +360,10 @@ def analyze(ckpt_dir: str | Path, modules: list[str] | tuple[str, ...] | None = 
 
 def plan(ckpt_dir: str | Path, modules: list[str] | tuple[str, ...] | None = None,
          base: str | Path | None = None, fan_in_fan_out: bool | None = None,
-         skip_broken: bool = False) -> pd.DataFrame:
+         skip_broken: bool = False, split_fused: bool = True) -> pd.DataFrame:
     """Dry run (headers only): one row per (run, step, module) that would be measured."""
     layout = discover(ckpt_dir, base=base, modules=list(modules) if modules else None,
-                      fan_in_fan_out=fan_in_fan_out, skip_broken=skip_broken)
+                      fan_in_fan_out=fan_in_fan_out, skip_broken=skip_broken, split_fused=split_fused)
     rows = [{"run": r.name, "method": r.method, "step": s, "module": m.name, "layer": m.layer,
              "matrix": m.matrix, "out_features": m.out_features, "in_features": m.in_features,
              "transposed": m.transposed, "path": str(p)}

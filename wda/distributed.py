@@ -218,7 +218,8 @@ def sharded_analysis(ckpt_dir: str | Path, options, env: DistEnv):
     layout, err = None, None
     try:  # headers only, on every rank: the same call run_analysis makes, all modules
         layout = discover(ckpt_dir, base=options.base, modules=list(options.modules or []) or None,
-                          fan_in_fan_out=options.fan_in_fan_out, skip_broken=options.skip_broken)
+                          fan_in_fan_out=options.fan_in_fan_out, skip_broken=options.skip_broken,
+                          split_fused=options.split_fused)
     except Exception as exc:
         err = exc
     agree(err)

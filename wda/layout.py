@@ -9,6 +9,7 @@ reads headers only; no tensor data is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections import Counter
@@ -17,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wda.checkpoints import (ADAPTER_CONFIG, CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, METHOD_ORDER,
-                             WEIGHT_SUFFIX, Checkpoint)
+                             MODEL_CONFIG, WEIGHT_SUFFIX, Checkpoint, read_json)
 from wda.errors import WdaError
+from wda.formats import fused_qkv
 from wda.names import matches
 
 log = logging.getLogger(__name__)
@@ -42,11 +44,24 @@ class ModuleInfo:
     layer: int  # integer block index (-1 if the name has none)
     matrix: str  # short kind: last name component, e.g. "q_proj"
     stack: str  # the name before the block index, e.g. "model.encoder.layers"
+    # q, k or v of a fused attention projection: ``name`` is then "<fused module>.<kind>",
+    # the tensors are those of the fused module and the part is its rows ``part.rows``
+    part: fused_qkv.FusedPart | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         """Canonical (out, in) shape."""
         return (self.out_features, self.in_features)
+
+    @property
+    def tensor(self) -> str:
+        """The stored module the tensors belong to (the fused one for a q/k/v part)."""
+        return self.part.module if self.part is not None else self.name
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        """Canonical (out, in) shape of the stored module's weight."""
+        return (self.part.fused_out if self.part is not None else self.out_features, self.in_features)
 
 
 @dataclass
@@ -152,9 +167,11 @@ def _map_adapter_module(amod: str, base_mods: dict, where: Path) -> str:
 
 def discover(ckpt_dir: str | Path, base: str | Path | None = None,
              modules: list[str] | None = None, fan_in_fan_out: bool | None = None,
-             skip_broken: bool = False) -> Layout:
+             skip_broken: bool = False, split_fused: bool = True) -> Layout:
     """Find and check everything to analyse (headers only). Raises WdaError on bad input;
-    with ``skip_broken`` a broken checkpoint is skipped and listed instead."""
+    with ``skip_broken`` a broken checkpoint is skipped and listed instead. ``split_fused``:
+    fused attention projections (GPT-2 ``c_attn``, ``query_key_value``, ...) are measured as
+    their q, k, v parts, read from the base's config.json."""
     root = Path(ckpt_dir)
     if not root.exists():
         raise WdaError(root, "does not exist", "check the CKPT_DIR path")
@@ -218,9 +235,11 @@ def discover(ckpt_dir: str | Path, base: str | Path | None = None,
                 run.adapter_names.setdefault(bmod, amod)
 
     transposed = _transposed_modules(base_ck, runs, opened, base_mods, fan_in_fan_out)
-    infos = _select_modules(base_mods, runs, modules, base_ck, transposed)
+    config = _model_config(base_ck) if split_fused else None
+    infos = _select_modules(base_mods, runs, modules, base_ck, transposed, config)
+    infos = _split_fused(infos, config, base_ck.path / MODEL_CONFIG, modules, runs)
     for m in infos:
-        _check_dtype(base_ck, m.name + WEIGHT_SUFFIX, base_ck.file_of(m.name + WEIGHT_SUFFIX))
+        _check_dtype(base_ck, m.tensor + WEIGHT_SUFFIX, base_ck.file_of(m.tensor + WEIGHT_SUFFIX))
     layout = Layout(root, base_path, runs, infos, skipped, notes)
     _validate(layout, opened, broken)
     layout.runs = sorted([r for r in layout.runs if r.steps], key=_run_order)
@@ -279,13 +298,61 @@ def _transposed_modules(base: Checkpoint, runs: list[Run], opened: dict[Path, Ch
     return out
 
 
+def _model_config(base: Checkpoint) -> dict | None:
+    """The base's config.json, if it has a readable one (it tells how fused q/k/v are laid out)."""
+    path = base.path / MODEL_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path)
+    except WdaError as err:
+        log.warning("%s; fused attention projections are not split", err)
+        return None
+
+
+def _matches_module(name: str, pat: str, config: dict | None) -> bool:
+    """``pat`` names this module, or one of its q/k/v parts if it is a fused projection."""
+    if matches(name, pat):
+        return True
+    return fused_qkv.is_fused(config, name) and any(matches(f"{name}.{k}", pat) for k in fused_qkv.PARTS)
+
+
+def _split_fused(infos: list[ModuleInfo], config: dict | None, config_path: Path,
+                 patterns: list[str] | None, runs: list[Run]) -> list[ModuleInfo]:
+    """Fused attention projections replaced by their q, k, v parts (``c_attn`` -> ``c_attn.q``,
+    ``c_attn.k``, ``c_attn.v``): all three when asked for by name or adapted, else (the
+    default query/value choice) q and v. Adapter runs of the fused module measure each part."""
+    out: list[ModuleInfo] = []
+    adapted = {b for r in runs for b in r.adapter_names}
+    for m in infos:
+        try:
+            parts = fused_qkv.fused_parts(config, m.name, m.out_features)
+        except fused_qkv.FusedLayoutError as exc:
+            raise WdaError(config_path, f"cannot split {m.name!r} into q, k, v: {exc}",
+                           "fix config.json, or pass --no-split to measure the fused matrix whole") from None
+        if parts is None:
+            out.append(m)
+            continue
+        if patterns:
+            parts = [p for p in parts if any(matches(m.name, pat) or matches(p.name, pat) for pat in patterns)]
+        elif m.name not in adapted:
+            parts = [p for p in parts if p.kind in ("q", "v")]
+        for p in parts:
+            out.append(dataclasses.replace(m, name=p.name, out_features=len(p.rows),
+                                           matrix=f"{m.matrix}.{p.kind}", part=p))
+            for run in runs:
+                if m.name in run.adapter_names:
+                    run.adapter_names[p.name] = run.adapter_names[m.name]
+    return sorted(out, key=lambda m: (m.matrix, m.stack, m.layer, m.name))
+
+
 def _select_modules(base_mods: dict, runs: list[Run], patterns: list[str] | None,
-                    base: Checkpoint, transposed: set[str]) -> list[ModuleInfo]:
+                    base: Checkpoint, transposed: set[str], config: dict | None = None) -> list[ModuleInfo]:
     names: list[str]
     if patterns:
         names = []
         for pat in patterns:
-            hit = [b for b in base_mods if matches(b, pat)]
+            hit = [b for b in base_mods if _matches_module(b, pat, config)]
             if not hit:
                 # an example from this model: an attention query/value inside a block, if any
                 example = min(base_mods, key=lambda b: (parse_name(b)[1] not in DEFAULT_TARGETS,
@@ -303,7 +370,8 @@ def _select_modules(base_mods: dict, runs: list[Run], patterns: list[str] | None
         names = sorted({b for r in runs for b in r.adapter_names})
         if not names:
             targets = GPT2_DEFAULT_TARGETS if base.model_type() in CONV1D_MODEL_TYPES else DEFAULT_TARGETS
-            names = [b for b in base_mods if any(b.endswith("." + t) or b == t for t in targets)]
+            names = [b for b in base_mods if any(b.endswith("." + t) or b == t for t in targets)
+                     or fused_qkv.is_fused(config, b)]
         if not names:
             raise WdaError(base.path, "found no attention query/value projections to analyse",
                            "choose modules with --modules")
@@ -339,11 +407,11 @@ def _check_dtype(ck: Checkpoint, key: str, where: Path) -> None:
 
 
 def _check_module(ck: Checkpoint, m: ModuleInfo, run: Run) -> None:
-    out_f, in_f = m.shape
+    out_f, in_f = m.stored_shape
     if ck.adapter is None:
-        key = m.name + WEIGHT_SUFFIX
+        key = m.tensor + WEIGHT_SUFFIX
         if not ck.has(key):
-            raise WdaError(ck.source, f"module {m.name!r} is missing (it is in the base checkpoint)",
+            raise WdaError(ck.source, f"module {m.tensor!r} is missing (it is in the base checkpoint)",
                            "was this checkpoint saved from another model, or only partly?")
         stored = (in_f, out_f) if m.transposed else (out_f, in_f)
         if ck.shapes[key] != stored:

@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fan-in-fan-out", choices=("auto", "yes", "no"), default="auto",
                    help="weights stored (in, out) as GPT-2 Conv1D; auto: from adapter configs and "
                         "config.json")
+    p.add_argument("--no-split", action="store_true",
+                   help="measure fused attention projections (GPT-2 c_attn, query_key_value, qkv_proj, "
+                        "Wqkv) whole instead of as their q, k, v parts")
     p.add_argument("--skip-broken", action="store_true",
                    help="skip broken checkpoints (listed in the report) instead of stopping")
     p.add_argument("--dry-run", action="store_true",
@@ -75,6 +78,7 @@ def _options(args: argparse.Namespace):
     fifo = {"auto": None, "yes": True, "no": False}[args.fan_in_fan_out]
     return AnalysisOptions(modules=modules, axis=args.axis, device=args.device, dtype=args.dtype,
                            base=args.base, fan_in_fan_out=fifo, skip_broken=args.skip_broken,
+                           split_fused=not args.no_split,
                            progress=not args.no_progress)
 
 
@@ -161,7 +165,7 @@ def _write_figures(metrics, fits, out: Path) -> dict[str, str]:
             # no timestamps in the files: same inputs, same bytes
             meta = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
             fig.savefig(out / f"figure2_{matrix}.{fmt}", dpi=200, metadata=meta, bbox_inches="tight")
-        label = paper_fig.get(matrix, "Figure 2 layout")
+        label = paper_fig.get(matrix.rsplit(".", 1)[-1], "Figure 2 layout")  # c_attn.q: a query
         figures[f"{matrix}: ΔM against ΔD per run (paper {label})"] = f"figure2_{matrix}.png"
         fig = trajectories(metrics, matrix=matrix)
         fig.savefig(out / f"trajectories_{matrix}.png", dpi=150, metadata={"Software": None},
@@ -243,7 +247,8 @@ def _dry_run(args) -> int:
 
     opts = _options(args)
     layout = discover(args.ckpt_dir, base=opts.base, modules=list(opts.modules or []) or None,
-                      fan_in_fan_out=opts.fan_in_fan_out, skip_broken=opts.skip_broken)
+                      fan_in_fan_out=opts.fan_in_fan_out, skip_broken=opts.skip_broken,
+                      split_fused=opts.split_fused)
     pairs = layout.module_pairs()
     n = sum(len(r.steps) for _, r in pairs)
     print(f"{args.ckpt_dir}: {len(layout.runs)} run(s), {len({m.name for m, _ in pairs})} module(s), "
