@@ -100,3 +100,24 @@ def qv_runs(d: Path, layers: int = 2) -> Path:
     peft_checkpoints(model, d / "dora", LoraConfig(r=4, lora_alpha=8, target_modules=Q_V, use_dora=True),
                      seed=3)
     return d
+
+
+def diagnostics_reference(w0: torch.Tensor, wt: torch.Tensor) -> dict[str, float]:
+    """The per-module diagnostics written out in float64 from their definitions, per row
+    u = W_0^n, v = W_t^n, δ = v - u (zero-norm rows left out): mean ||δ||/||u||, mean
+    cos(δ, u) and its |.|, and ΔM's parts mean sign(Δm)·u·δ/||u|| and
+    mean sign(Δm)·||v||·(1 - cos(u, v))."""
+    u, v = w0.double(), wt.double()
+    n0, nt = u.norm(dim=1), v.norm(dim=1)
+    keep = (n0 > 0) & (nt > 0)
+    u, v, n0, nt = u[keep], v[keep], n0[keep], nt[keep]
+    d = v - u
+    nd = d.norm(dim=1)
+    ud = (u * d).sum(1)
+    align = torch.where(nd > 0, ud / (n0 * torch.where(nd > 0, nd, 1.0)), 0.0)
+    sign = torch.sign(nt - n0)
+    cos = (u * v).sum(1) / (n0 * nt)
+    return {"s_mean": float((nd / n0).mean()), "align_mean": float(align.mean()),
+            "align_abs_mean": float(align.abs().mean()),
+            "delta_m_radial": float((sign * ud / n0).mean()),
+            "delta_m_tangential": float((sign * nt * (1 - cos)).mean())}

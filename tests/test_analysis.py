@@ -14,7 +14,7 @@ from peft import LoraConfig
 import wda
 import wda.analysis as analysis
 from builders import Q_V, ft_checkpoints, peft_checkpoints, save_full, tiny_gpt2, tiny_llama
-from wda.checkpoints import Checkpoint
+from wda.formats import open_checkpoint
 from wda.dora import merge_dora
 
 
@@ -104,13 +104,13 @@ def test_module_filters_and_plan(llama_dir):
 def test_dora_merge_self_check(llama_dir):
     """Per-output norms of the merged DoRA weight equal the magnitude vector."""
     d, base_sd, _ = llama_dir
-    ck = Checkpoint(d / "dora" / "checkpoint-20")
+    ck = open_checkpoint(d / "dora" / "checkpoint-20")
     mod = "model.layers.2.self_attn.v_proj"
-    keys = ck.adapter_modules[mod]
+    t = ck.read_adapter(mod)
     w0 = base_sd[mod + ".weight"]
-    merged = merge_dora(w0, ck.read(keys.a), ck.read(keys.b), ck.adapter.scaling(mod), ck.read(keys.magnitude))
-    assert torch.allclose(merged.norm(dim=1), ck.read(keys.magnitude), rtol=1e-5)
-    assert not torch.allclose(merged.norm(dim=0)[:12], ck.read(keys.magnitude), rtol=1e-2)
+    merged = merge_dora(w0, t["a"], t["b"], ck.adapters[mod].scaling, t["m"])
+    assert torch.allclose(merged.norm(dim=1), t["m"], rtol=1e-5)
+    assert not torch.allclose(merged.norm(dim=0)[:12], t["m"], rtol=1e-2)
 
 
 def test_sharded_bin_bf16_and_base_option(tmp_path):

@@ -559,12 +559,12 @@ def test_file_cut_short_while_open_is_an_error_not_a_crash(ck):
     script = (
         "import os, sys\n"
         "from pathlib import Path\n"
-        "from wda.checkpoints import Checkpoint\n"
+        "from wda.formats import open_checkpoint\n"
         "from wda.errors import WdaError\n"
-        f"ck = Checkpoint(Path({str(ft20(ck).parent)!r}))\n"
+        f"ck = open_checkpoint(Path({str(ft20(ck).parent)!r}))\n"
         f"os.truncate({str(ft20(ck))!r}, 4096)\n"
         "try:\n"
-        "    print(float(ck.read('model.layers.0.self_attn.q_proj.weight').double().sum()))\n"
+        "    print(float(ck.read_weight('model.layers.0.self_attn.q_proj').double().sum()))\n"
         "except WdaError as err:\n"
         "    print('WdaError:', err)\n")
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

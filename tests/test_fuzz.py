@@ -14,7 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from wda.checkpoints import AdapterConfig, Checkpoint, TensorFile
+from wda.formats import open_checkpoint
+from wda.formats.peft import AdapterConfig
+from wda.formats.tensors import TensorFile
 from wda.errors import WdaError
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
@@ -136,7 +138,7 @@ def test_fuzzed_checkpoint_folder(valid, scratch, data):
     p = folder / "model.safetensors"
     p.write_bytes(bytes(b))
     try:
-        ck = Checkpoint(folder)
+        ck = open_checkpoint(folder)
         for name in ck.shapes:
             ck.read(name)
     except WdaError as err:

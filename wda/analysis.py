@@ -12,6 +12,7 @@ flight: peak memory is a few matrices whatever the number of layers or steps.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,17 +22,16 @@ from typing import Iterator
 import pandas as pd
 import torch
 
-from wda.checkpoints import WEIGHT_SUFFIX, AdapterConfig, HandleCache
-from wda.decompose import AXES, BaseWeight, NonFiniteWeights
+from wda.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
 from wda.errors import WdaError
-from wda.formats import fused_qkv
+from wda.formats import HandleCache, fused_qkv
 from wda.layout import Layout, ModuleInfo, Run, discover
 from wda.prefetch import prefetched, stage
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ["run", "method", "step", "module", "layer", "matrix", "delta_m", "delta_d",
-                  "n_vectors", "n_excluded", "m0_mean", "axis", "stack"]
+METRIC_COLUMNS = ["run", "method", "step", "module", "layer", "matrix", *MEASUREMENT_FIELDS,
+                  "axis", "stack"]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -105,7 +105,7 @@ _BATCH_FULL = 4  # full-weight checkpoints of one matrix measured in one pass ov
 @dataclass
 class _Loaded:
     tensors: dict[str, torch.Tensor]  # stored dtype: "w", or "a", "b", "m" of an adapter
-    adapter: AdapterConfig | None
+    scaling: float | None  # of B·A for an adapter; None for a full weight
     source: Path  # the file the tensors came from (named in errors)
     ready: object = None  # CUDA: event recorded after the copies to the device
 
@@ -118,14 +118,12 @@ class _Loaded:
 def _read_item(item: _Item, cache: HandleCache) -> _Loaded:
     """The stored tensors of one matrix."""
     ck = cache.get(item.path)
-    if ck.adapter is None:
-        name = item.module.tensor + WEIGHT_SUFFIX
-        return _Loaded({"w": ck.read(name)}, None, ck.file_of(name))
-    keys = ck.adapter_modules[item.run.adapter_names[item.module.name]]
-    out = {"m": ck.read(keys.magnitude)} if keys.magnitude else {}
-    if keys.a is not None:
-        out["a"], out["b"] = ck.read(keys.a), ck.read(keys.b)
-    return _Loaded(out, ck.adapter, ck.adapter_file)
+    name = item.module.tensor  # the fused module for q, k, v of a fused projection
+    if not ck.is_adapter:
+        return _Loaded({"w": ck.read_weight(name)}, None, ck.weights[name].file)
+    # an adapter's own module name: prefixes may differ from the base's by a wrapper
+    info = ck.adapters[item.run.adapter_names[item.module.name]]
+    return _Loaded(ck.read_adapter(item.run.adapter_names[item.module.name]), info.scaling, info.file)
 
 
 def _is_full(item: _Item) -> bool:
@@ -216,7 +214,7 @@ class _Measurer:
             self.flush()
             self.base = None  # let the previous W_0 go first
             self.base = _prepare_base(item, data, self.dev, self.dtype, self.options.axis)
-        elif data.adapter is not None:
+        elif data.scaling is not None:
             self._flush_full()
             self._pending.append((item, data))
             self._rank += sum(v.shape[0] for k, v in data.tensors.items() if k == "a")
@@ -258,8 +256,7 @@ class _Measurer:
         low = [i for i, t in enumerate(tensors) if "a" in t and not ("m" in t and base.dim == 0)]
         proj = dict(zip(low, base.project([(tensors[i]["a"], tensors[i]["b"]) for i in low])))
         for i, ((item, data), t) in enumerate(zip(pending, tensors)):
-            # scaling from this checkpoint's own config; PEFT patterns match the adapter's name
-            s = data.adapter.scaling(item.run.adapter_names[item.module.name])
+            s = data.scaling  # this checkpoint's own, for this module
             if "a" not in t:  # magnitude only (paper Table 6): W' = m · W_0 / ||W_0||
                 self._record(item, data, lambda t=t: base.measure_rescaled(t["m"]))
             else:
@@ -330,8 +327,7 @@ def _drop_broken(layout: Layout, broken: dict[str, str]) -> None:
 def _row(item: _Item, meas, axis: str) -> dict:
     m = item.module
     return {"run": item.run.name, "method": item.run.method, "step": item.step, "module": m.name,
-            "layer": m.layer, "matrix": m.matrix, "delta_m": meas.delta_m, "delta_d": meas.delta_d,
-            "n_vectors": meas.n_vectors, "n_excluded": meas.n_excluded, "m0_mean": meas.m0_mean,
+            "layer": m.layer, "matrix": m.matrix, **dataclasses.asdict(meas),
             "axis": axis, "stack": m.stack, "_path": str(item.path)}
 
 

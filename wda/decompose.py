@@ -99,28 +99,59 @@ def _changes(u: torch.Tensor, v: torch.Tensor, delta: torch.Tensor, dim: int) ->
 
 @dataclass(frozen=True)
 class Measurement:
-    """Eqs. 3-4 for one (checkpoint, module): means over the valid vectors."""
+    """Eqs. 3-4 for one (checkpoint, module): means over the valid vectors, and what they
+    are made of (``summarize`` says how each is computed)."""
 
     delta_m: float  # Eq. 3: mean_n |m_t^n - m_0^n|
     delta_d: float  # Eq. 4: mean_n (1 - cos(W_t^n, W_0^n))
     n_vectors: int  # vectors in the matrix along the chosen axis
     n_excluded: int  # zero-norm vectors (in W_0 or W_t) left out of both means
     m0_mean: float  # mean ||W_0^n|| over valid vectors (context for relative changes)
+    # Diagnostics: per vector, u = W_0^n, δ = W_t^n - u.
+    s_mean: float  # mean relative update size ||δ|| / ||u||
+    align_mean: float  # mean signed alignment cos(δ, u) (0 for an unchanged vector)
+    align_abs_mean: float  # mean |cos(δ, u)|
+    delta_m_radial: float  # the part of delta_m that is first order: sign(Δm)·u·δ/||u||
+    delta_m_tangential: float  # the rest, second order: sign(Δm)·||W_t^n||·(1 - cos)
+
+
+# The measured fields, in output order (metrics.csv columns after the module's keys).
+MEASUREMENT_FIELDS: tuple[str, ...] = tuple(Measurement.__dataclass_fields__)
 
 
 def summarize(ch: VectorChanges) -> Measurement:
-    """Eqs. 3-4 from per-vector changes: means over the valid vectors (one device sync)."""
+    """Eqs. 3-4 and the diagnostics from per-vector changes: means over the valid vectors.
+
+    Every measuring path (full weights, adapters from their factors, magnitude-only DoRA;
+    rows or columns; kernels or torch; CPU or GPU) ends in per-vector |u|, Δm = |v| - |u|
+    and ΔD = 1 - cos(u, v) with v = W_t^n, and the diagnostics follow from those three
+    exactly, without cancellation (|v| = |u| + Δm):
+
+        ||δ||²  = Δm² + 2·|u|·|v|·ΔD                     (a sum of non-negative terms)
+        u·δ/|u| = |v|·cos - |u| = Δm - |v|·ΔD            (the radial, first-order change)
+        Δm      = u·δ/|u| + |v|·ΔD                        (radial + tangential, exactly)
+
+    so ΔM = mean |Δm| = mean sign(Δm)·u·δ/|u| + mean sign(Δm)·|v|·ΔD, the two reported
+    parts, sum to delta_m. For a small update |v|·ΔD ≈ ||δ_⊥||²/(2|u|): the part of ΔM
+    that a rotation makes by itself. Sums in float64, one device sync.
+    """
     n = ch.valid.numel()
-    # Sums in float64 so that means over many vectors add no error of their own.
-    vm = ch.valid.to(torch.float64)
-    k, dm, dd, m0 = torch.stack([vm.sum(), (ch.dm.abs().to(torch.float64) * vm).sum(),
-                                 (ch.dd.to(torch.float64) * vm).sum(),
-                                 (ch.m0.to(torch.float64) * vm).sum()]).tolist()
-    k = int(k)
+    vm = ch.valid
+    k = int(vm.sum())
     if k == 0:
         nan = float("nan")
-        return Measurement(nan, nan, n, n, nan)
-    return Measurement(dm / k, dd / k, n, n - k, m0 / k)
+        return Measurement(nan, nan, n, n, nan, nan, nan, nan, nan, nan)
+    m0, dm, dd = (t[vm].to(torch.float64) for t in (ch.m0, ch.dm, ch.dd))
+    nt = m0 + dm
+    tangential = nt * dd
+    radial = dm - tangential
+    size = torch.sqrt(dm * dm + 2.0 * m0 * nt * dd)  # ||δ||
+    align = torch.where(size > 0, radial / torch.where(size > 0, size, 1.0), 0.0).clamp(-1.0, 1.0)
+    sign = torch.sign(dm)
+    sums = torch.stack([dm.abs().sum(), dd.sum(), m0.sum(), (size / m0).sum(), align.sum(),
+                        align.abs().sum(), (sign * radial).sum(), (sign * tangential).sum()])
+    dm_s, dd_s, m0_s, s_s, a_s, aa_s, rad_s, tan_s = (v / k for v in sums.tolist())
+    return Measurement(dm_s, dd_s, n, n - k, m0_s, s_s, a_s, aa_s, rad_s, tan_s)
 
 
 def measure(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out",

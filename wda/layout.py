@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wda.checkpoints import (ADAPTER_CONFIG, CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, METHOD_ORDER,
-                             MODEL_CONFIG, WEIGHT_SUFFIX, Checkpoint, read_json)
+from wda.formats import METHOD_ORDER, Checkpoint, TensorInfo, open_checkpoint
+from wda.formats.base import CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, MODEL_CONFIG
 from wda.errors import WdaError
 from wda.formats import fused_qkv
 from wda.names import matches
@@ -146,9 +146,8 @@ def _find_runs(root: Path, base: Path
 
 
 def _base_modules(base: Checkpoint) -> dict[str, tuple[int, ...]]:
-    """Every 2-D ``*.weight`` tensor of the base: name (without .weight) -> stored shape."""
-    return {k[: -len(WEIGHT_SUFFIX)]: s for k, s in base.shapes.items()
-            if k.endswith(WEIGHT_SUFFIX) and len(s) == 2}
+    """Every 2-D weight of the base: module name (without .weight) -> stored shape."""
+    return {m: t.shape for m, t in base.weights.items() if len(t.shape) == 2}
 
 
 def _map_adapter_module(amod: str, base_mods: dict, where: Path) -> str:
@@ -182,7 +181,7 @@ def discover(ckpt_dir: str | Path, base: str | Path | None = None,
         raise WdaError(root, "is empty", f"expected base/ and <run>/{CHECKPOINT_PREFIX}<step>/ folders")
     if not base_path.exists():
         raise WdaError(base_path, "no base weights (W_0) found", "put them in CKPT_DIR/base/ or pass --base PATH")
-    base_ck = Checkpoint(base_path)
+    base_ck = open_checkpoint(base_path)
     if base_ck.is_adapter:
         raise WdaError(base_path, "the base must hold full weights, not an adapter",
                        "put the pretrained model in base/ or pass --base PATH")
@@ -214,10 +213,10 @@ def discover(ckpt_dir: str | Path, base: str | Path | None = None,
         ok_steps: dict[int, Path] = {}
         for step, path in steps.items():
             try:
-                ck = Checkpoint(path)
+                ck = open_checkpoint(path)
                 # adapter module names -> base modules (prefixes may differ by a wrapper)
-                names = {amod: _map_adapter_module(amod, base_mods, ck.adapter_file)
-                         for amod in ck.adapter_modules}
+                names = {amod: _map_adapter_module(amod, base_mods, info.file)
+                         for amod, info in ck.adapters.items()}
             except WdaError as err:
                 broken(path, err)
                 continue
@@ -235,11 +234,11 @@ def discover(ckpt_dir: str | Path, base: str | Path | None = None,
                 run.adapter_names.setdefault(bmod, amod)
 
     transposed = _transposed_modules(base_ck, runs, opened, base_mods, fan_in_fan_out)
-    config = _model_config(base_ck) if split_fused else None
+    config = base_ck.config() if split_fused else None  # tells how fused q/k/v are laid out
     infos = _select_modules(base_mods, runs, modules, base_ck, transposed, config)
     infos = _split_fused(infos, config, base_ck.path / MODEL_CONFIG, modules, runs)
     for m in infos:
-        _check_dtype(base_ck, m.tensor + WEIGHT_SUFFIX, base_ck.file_of(m.tensor + WEIGHT_SUFFIX))
+        _check_dtype(base_ck.weights[m.tensor])
     layout = Layout(root, base_path, runs, infos, skipped, notes)
     _validate(layout, opened, broken)
     layout.runs = sorted([r for r in layout.runs if r.steps], key=_run_order)
@@ -265,7 +264,7 @@ def _run_method(run_dir: Path, cks: dict[int, Checkpoint], broken: Broken) -> st
     method = ranked[0][0]
     for step, ck in cks.items():
         if ck.method != method:
-            what = ck.path / ADAPTER_CONFIG if ck.is_adapter else ck.source
+            what = ck.method_file or ck.source
             broken(ck.path, WdaError(what, f"makes this checkpoint {ck.method} but the other checkpoints "
                                            f"of run {run_dir.name!r} are {method}",
                                      "keep one method per run folder; check use_dora"))
@@ -291,23 +290,11 @@ def _transposed_modules(base: Checkpoint, runs: list[Run], opened: dict[Path, Ch
     for run in runs:
         for path in run.steps.values():
             ck = opened[path]
-            if ck.adapter is not None and ck.adapter.fan_in_fan_out:
-                out.update(b for b, a in run.adapter_names.items() if a in ck.adapter_modules)
+            if ck.fan_in_fan_out:
+                out.update(b for b, a in run.adapter_names.items() if a in ck.adapters)
     if base.model_type() in CONV1D_MODEL_TYPES:
         out.update(b for b in base_mods if parse_name(b)[1] in CONV1D_MODULE_NAMES)
     return out
-
-
-def _model_config(base: Checkpoint) -> dict | None:
-    """The base's config.json, if it has a readable one (it tells how fused q/k/v are laid out)."""
-    path = base.path / MODEL_CONFIG
-    if not path.is_file():
-        return None
-    try:
-        return read_json(path)
-    except WdaError as err:
-        log.warning("%s; fused attention projections are not split", err)
-        return None
 
 
 def _matches_module(name: str, pat: str, config: dict | None) -> bool:
@@ -398,55 +385,53 @@ def _validate(layout: Layout, opened: dict[Path, Checkpoint], broken: Broken) ->
                 del run.steps[step]
 
 
-def _check_dtype(ck: Checkpoint, key: str, where: Path) -> None:
+def _check_dtype(t: TensorInfo) -> None:
     """Only real-valued tensors can be measured: integer or boolean data (quantised weights,
     a mislabelled header) would be cast to float and give a silent wrong picture."""
-    if not ck.is_floating(key):
-        raise WdaError(where, f"{key} is stored as {ck.dtype_of(key)}, not as floating point",
+    if not t.floating:
+        raise WdaError(t.file, f"{t.key} is stored as {t.dtype}, not as floating point",
                        "quantised or mislabelled weights cannot be measured; dequantise or re-save them")
+
+
+def _part(t: TensorInfo, module: str) -> str:
+    """What a tensor is within its module, as the file names it (``lora_A``, ``lora_magnitude_vector``)."""
+    tail = t.key.rsplit(module + ".", 1)[-1]
+    return tail.removesuffix(".weight") or t.key
 
 
 def _check_module(ck: Checkpoint, m: ModuleInfo, run: Run) -> None:
     out_f, in_f = m.stored_shape
-    if ck.adapter is None:
-        key = m.tensor + WEIGHT_SUFFIX
-        if not ck.has(key):
+    if not ck.is_adapter:
+        t = ck.weights.get(m.tensor)
+        if t is None:
             raise WdaError(ck.source, f"module {m.tensor!r} is missing (it is in the base checkpoint)",
                            "was this checkpoint saved from another model, or only partly?")
         stored = (in_f, out_f) if m.transposed else (out_f, in_f)
-        if ck.shapes[key] != stored:
-            raise WdaError(ck.file_of(key), f"{key} has shape {ck.shapes[key]}, the base has {stored}",
+        if t.shape != stored:
+            raise WdaError(t.file, f"{t.key} has shape {t.shape}, the base has {stored}",
                            "was this checkpoint saved from another model?")
-        _check_dtype(ck, key, ck.file_of(key))
+        _check_dtype(t)
         return
     amod = run.adapter_names[m.name]
-    keys = ck.adapter_modules.get(amod)
-    where = ck.adapter_file
-    resave = "the adapter weights and adapter_config.json do not belong together; re-save it with PEFT"
-    if keys is None:
-        raise WdaError(where, f"module {amod!r} is missing here but present in other checkpoints of run "
-                              f"{run.name!r}", "every checkpoint of a run must adapt the same modules")
-    if (keys.a is None) != (keys.b is None):
-        raise WdaError(where, f"module {amod!r} has {'lora_A' if keys.a else 'lora_B'} but no "
-                              f"{'lora_B' if keys.a else 'lora_A'}", "the adapter file is incomplete; re-save it")
-    cfg = ck.adapter
-    if keys.a is not None:
-        r = cfg.rank(amod)
-        shp_a, shp_b = ck.shapes[keys.a], ck.shapes[keys.b]
-        if shp_a != (r, in_f) or shp_b != (out_f, r):
-            raise WdaError(where, f"module {amod!r}: lora_A {shp_a} / lora_B {shp_b} do not fit "
-                                  f"rank {r} from adapter_config.json and base shape (out={out_f}, in={in_f})",
-                           resave)
-    if cfg.use_dora and keys.magnitude is None:
-        raise WdaError(where, f"DoRA adapter (use_dora) without lora_magnitude_vector for module {amod!r}",
+    info = ck.adapters.get(amod)
+    if info is None:
+        raise WdaError(ck.source, f"module {amod!r} is missing here but present in other checkpoints of run "
+                                  f"{run.name!r}", "every checkpoint of a run must adapt the same modules")
+    ck.check_module(amod)
+    where = info.file
+    resave = "the adapter weights and its config do not belong together; re-save it"
+    if (info.a is None) != (info.b is None):
+        raise WdaError(where, f"module {amod!r} has only one of its two low-rank factors",
                        "the adapter file is incomplete; re-save it")
-    if keys.magnitude is not None:
-        if not cfg.use_dora:
-            raise WdaError(where, f"module {amod!r} has a lora_magnitude_vector but use_dora is false in "
-                                  f"adapter_config.json", resave)
-        if ck.shapes[keys.magnitude] not in ((out_f,), (1, out_f), (out_f, 1)):
-            raise WdaError(where, f"module {amod!r}: lora_magnitude_vector has shape "
-                                  f"{ck.shapes[keys.magnitude]}, expected ({out_f},)", resave)
-    for key in (keys.a, keys.b, keys.magnitude):
-        if key is not None:
-            _check_dtype(ck, key, where)
+    if info.a is not None:
+        r = info.rank
+        if info.a.shape != (r, in_f) or info.b.shape != (out_f, r):
+            raise WdaError(where, f"module {amod!r}: {_part(info.a, amod)} {info.a.shape} / {_part(info.b, amod)} "
+                                  f"{info.b.shape} do not fit rank {r} from the adapter config and base shape "
+                                  f"(out={out_f}, in={in_f})", resave)
+    if info.m is not None and info.m.shape not in ((out_f,), (1, out_f), (out_f, 1)):
+        raise WdaError(where, f"module {amod!r}: {_part(info.m, amod)} has shape {info.m.shape}, "
+                              f"expected ({out_f},)", resave)
+    for t in (info.a, info.b, info.m):
+        if t is not None:
+            _check_dtype(t)

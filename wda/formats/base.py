@@ -1,0 +1,186 @@
+"""What every checkpoint format hands the rest of wda: a ``Checkpoint``.
+
+A checkpoint holds either full weights (``weights``: module -> its ``.weight`` tensor) or an adapter
+(``adapters``: module -> its factors and scaling). Opening one reads headers only; tensors are
+read one at a time through ``read_weight`` / ``read_adapter``. Module names are those of the
+model (``model.layers.0.self_attn.q_proj``), without ``.weight`` and without wrapper prefixes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wda.errors import WdaError
+from wda.formats.tensors import TensorFile, present, read_json, short_repr
+
+log = logging.getLogger(__name__)
+
+FT, LORA, DORA = "FT", "LoRA", "DoRA"
+METHOD_ORDER = (FT, LORA, DORA)
+WEIGHT_SUFFIX = ".weight"
+MODEL_CONFIG = "config.json"
+# GPT-2 style Conv1D stores (in, out); these model types and module names use it.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+CONV1D_MODULE_NAMES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One stored tensor, from the header: its key in the file, shape, dtype, and the file."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: str  # as the file names it (``F32``, ``bfloat16``, ...)
+    floating: bool
+    file: Path
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """The factors of one adapted module: ``a`` (r, in), ``b`` (out, r), magnitude ``m``
+    ((out,), (1, out) or (out, 1)); ``a``/``b`` absent for a magnitude-only module.
+    ``rank`` is what the format's config says (checked against the shapes), ``scaling`` the
+    factor of B·A in the merged weight."""
+
+    a: TensorInfo | None
+    b: TensorInfo | None
+    m: TensorInfo | None
+    rank: int
+    scaling: float
+    file: Path  # the file named when something about this module is wrong
+
+
+class Checkpoint:
+    """One checkpoint, opened lazily. A format subclasses this and, in ``__init__``, fills
+    ``weights`` or ``adapters`` (and ``method``) from headers only.
+
+    Class attributes a format sets: ``format`` (a short label), ``priority`` (detection
+    order, lower first: a format whose folders another format would also accept comes
+    first) and ``expects`` (the files it looks for, named when no format fits a folder).
+    """
+
+    format = "checkpoint"
+    priority = 50
+    expects = ""
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        """Whether ``path`` (a folder, or a file) is in this format. Cheap: names, at most a
+        small JSON; never a tensor. Errors are left to ``__init__``."""
+        raise NotImplementedError
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        # the file to name when something is wrong with the weights as a whole
+        self.source: Path = path
+        self.method = FT
+        self.weights: dict[str, TensorInfo] = {}
+        self.adapters: dict[str, AdapterInfo] = {}
+        self.fan_in_fan_out = False  # adapter factors for weights stored (in, out)
+        self.base_model: str | None = None  # the base an adapter names (a hub id or a path)
+        self.method_file: Path | None = None  # the file the method is read from, if not ``source``
+        self._tensors: dict[str, TensorFile] = {}  # key -> file holding it
+        self._files: dict[Path, TensorFile] = {}
+
+    # ---- reading (what the analysis calls) ----
+    @property
+    def is_adapter(self) -> bool:
+        return self.method != FT
+
+    def read_weight(self, module: str) -> torch.Tensor:
+        """The full weight of ``module``, stored layout and dtype, on the CPU."""
+        info = self.weights.get(module)
+        if info is None:
+            raise WdaError(self.source, f"module {module!r} is missing", "the file changed while it was read?")
+        return self.read(info.key)
+
+    def read_adapter(self, module: str) -> dict[str, torch.Tensor]:
+        """The factors of ``module``: ``{"a", "b", "m"}``, those it has, stored dtype."""
+        info = self.adapters[module]
+        return {k: self.read(t.key) for k, t in (("a", info.a), ("b", info.b), ("m", info.m)) if t is not None}
+
+    def check_module(self, module: str) -> None:
+        """Format-specific checks of one adapted module against its own config (headers only),
+        run for the modules analysed, after the generic shape checks against the base. Raise
+        ``WdaError`` naming the file."""
+
+    def read(self, key: str) -> torch.Tensor:
+        """One stored tensor by its key in the file(s)."""
+        tf = self._tensors.get(key)
+        if tf is None:
+            raise WdaError(self.source, f"tensor {key!r} is missing", "the file changed while it was read?")
+        return tf.read(key)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every stored tensor: key -> shape."""
+        return {key: tf.shapes[key] for key, tf in self._tensors.items()}
+
+    def config(self) -> dict[str, Any] | None:
+        """``config.json`` beside the weights (a model's config), or None."""
+        folder = self.path if self.path.is_dir() else self.path.parent
+        cfg = folder / MODEL_CONFIG
+        if not cfg.is_file():
+            return None
+        try:
+            data = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            log.warning("%s: unreadable, ignored", cfg)
+            return None
+        return data if isinstance(data, dict) else None
+
+    def model_type(self) -> str | None:
+        return str((self.config() or {}).get("model_type") or "") or None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {self.method})"
+
+    # ---- helpers for formats that keep named tensors in files ----
+    def info(self, key: str) -> TensorInfo:
+        tf = self._tensors[key]
+        return TensorInfo(key, tf.shapes[key], tf.dtype(key), tf.is_floating(key), tf.path)
+
+    def _add_file(self, path: Path, names: set[str] | None = None) -> None:
+        """Index the tensors of one file (all, or ``names`` for a shard)."""
+        tf = self._files.get(path) or TensorFile(path)
+        self._files[path] = tf
+        if names is None:  # a single weights file, not a shard
+            self.source = path
+        for name in (names if names is not None else tf.shapes):
+            if name not in tf.shapes:
+                raise WdaError(path, f"tensor {name!r} listed in the index is missing from this shard",
+                               "the shards and the index do not belong together")
+            self._tensors[name] = tf
+
+    def _add_sharded(self, index_path: Path) -> None:
+        """Index the shards a ``weight_map`` index lists (files beside the index)."""
+        self.source = index_path
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WdaError(index_path, "no 'weight_map' in the shard index", "restore or re-save this file")
+        by_file: dict[str, set[str]] = {}
+        for name, fname in weight_map.items():
+            if not isinstance(fname, str) or not fname:
+                raise WdaError(index_path, f"weight_map entry {name!r} is not a file name: {short_repr(fname)}",
+                               "restore or re-save this file")
+            by_file.setdefault(fname, set()).add(name)
+        for fname in sorted(by_file):
+            shard = index_path.parent / fname
+            if not present(shard):
+                raise WdaError(shard, f"shard listed in {index_path.name} is missing",
+                               "copy the missing shard or remove this checkpoint")
+            self._add_file(shard, by_file[fname])
+
+    def _weights_from_keys(self, prefix: str = "") -> dict[str, TensorInfo]:
+        """Every ``<prefix><module>.weight`` tensor: module -> its info."""
+        out = {}
+        for key in self._tensors:
+            if key.startswith(prefix) and key.endswith(WEIGHT_SUFFIX):
+                out[key[len(prefix): -len(WEIGHT_SUFFIX)]] = self.info(key)
+        return out
