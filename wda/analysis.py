@@ -27,11 +27,12 @@ from wda.errors import WdaError
 from wda.formats import HandleCache, fused_qkv
 from wda.layout import Layout, ModuleInfo, Run, discover
 from wda.prefetch import prefetched, stage
+from wda.trainer_state import LOG_COLUMNS
 
 log = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["run", "method", "step", "module", "layer", "matrix", *MEASUREMENT_FIELDS,
-                  "axis", "stack"]
+                  "axis", "stack", *LOG_COLUMNS]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -43,18 +44,27 @@ class AnalysisOptions:
     axis: str = "out"  # "out": one magnitude per output feature (norm over dim=1 of (out, in))
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # compute dtype, whatever the stored one
-    base: str | None = None  # W_0 folder, default CKPT_DIR/base
+    base: str | None = None  # W_0: a folder, a file or a cached hub id; default CKPT_DIR/base
+    runs: tuple[tuple[str, str], ...] = ()  # runs given one by one: (name, folder)
     fan_in_fan_out: bool | None = None  # force the (in, out) Conv1D layout on or off
     split_fused: bool = True  # fused attention projections measured as their q, k, v parts
     skip_broken: bool = False
-    progress: bool = True
+    progress: bool | None = None  # None: a bar only when stderr is a terminal (tqdm's convention)
     prefetch: int = 2  # matrices read ahead of the one being measured
 
     def __post_init__(self) -> None:
+        runs = self.runs.items() if isinstance(self.runs, dict) else self.runs
+        object.__setattr__(self, "runs", tuple((str(n), str(p)) for n, p in runs))
         if self.axis not in AXES:
             raise WdaError(None, f"--axis must be one of {', '.join(AXES)}, not {self.axis!r}")
         if self.dtype not in DTYPES:
             raise WdaError(None, f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+
+    def discover(self, ckpt_dir: str | Path | None) -> Layout:
+        """What these options analyse in ``ckpt_dir`` (headers only)."""
+        return discover(ckpt_dir, base=self.base, modules=list(self.modules or []) or None,
+                        fan_in_fan_out=self.fan_in_fan_out, skip_broken=self.skip_broken, runs=self.runs,
+                        split_fused=self.split_fused)
 
 
 @dataclass
@@ -282,12 +292,12 @@ class _Measurer:
         self.broken[str(item.path)] = str(err)
 
 
-def run_analysis(ckpt_dir: str | Path, options: AnalysisOptions = AnalysisOptions()) -> AnalysisResult:
-    """Discover, check and measure everything; the full result with its provenance."""
+def run_analysis(ckpt_dir: str | Path | None, options: AnalysisOptions = AnalysisOptions(),
+                 layout: Layout | None = None) -> AnalysisResult:
+    """Discover, check and measure everything; the full result with its provenance.
+    ``layout``: what ``options.discover(ckpt_dir)`` found, if already called."""
     t0 = time.perf_counter()
-    layout = discover(ckpt_dir, base=options.base, modules=list(options.modules or []) or None,
-                      fan_in_fan_out=options.fan_in_fan_out, skip_broken=options.skip_broken,
-                      split_fused=options.split_fused)
+    layout = layout if layout is not None else options.discover(ckpt_dir)
     dev = resolve_device(options.device)
     dtype = DTYPES[options.dtype]
     items = list(_work_items(layout))
@@ -298,7 +308,7 @@ def run_analysis(ckpt_dir: str | Path, options: AnalysisOptions = AnalysisOption
     work = _Measurer(options, dev, dtype)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(items), desc="wda: measuring", unit="matrix", disable=not options.progress)
+    bar = tqdm(total=len(items), desc="wda: measuring", unit="matrix", disable=None if options.progress is None else not options.progress)
     try:
         for item, data in prefetched(items, _reader(cache, dev), options.prefetch, _is_full):
             bar.update(1)
@@ -328,7 +338,12 @@ def _row(item: _Item, meas, axis: str) -> dict:
     m = item.module
     return {"run": item.run.name, "method": item.run.method, "step": item.step, "module": m.name,
             "layer": m.layer, "matrix": m.matrix, **dataclasses.asdict(meas),
-            "axis": axis, "stack": m.stack, "_path": str(item.path)}
+            "axis": axis, "stack": m.stack, **_logged(item), "_path": str(item.path)}
+
+
+def _logged(item: _Item) -> dict[str, float | None]:
+    """What the Trainer logged nearest this checkpoint (empty when it logged nothing)."""
+    return {c: item.run.train_log.get(item.step, {}).get(c) for c in LOG_COLUMNS}
 
 
 def _table(rows: list[dict]) -> pd.DataFrame:
@@ -340,10 +355,11 @@ def _table(rows: list[dict]) -> pd.DataFrame:
     return df.drop(columns="_m").reset_index(drop=True)
 
 
-def analyze(ckpt_dir: str | Path, modules: list[str] | tuple[str, ...] | None = None,
+def analyze(ckpt_dir: str | Path | None, modules: list[str] | tuple[str, ...] | None = None,
             axis: str = "out", device: str = "auto", dtype: str = "float32",
             base: str | Path | None = None, **kwargs) -> pd.DataFrame:
-    """ΔM (Eq. 3) and ΔD (Eq. 4) per (run, step, module) of a checkpoint directory.
+    """ΔM (Eq. 3) and ΔD (Eq. 4) per (run, step, module) of a checkpoint directory (a folder
+    of runs or one Trainer output_dir; None with ``runs={name: folder}``).
 
     ``modules``: name suffixes (``q_proj``) or regular expressions; default: the modules
     the adapters target, else the attention query/value projections. ``axis="out"``: one
@@ -354,12 +370,13 @@ def analyze(ckpt_dir: str | Path, modules: list[str] | tuple[str, ...] | None = 
     return run_analysis(ckpt_dir, opts).metrics
 
 
-def plan(ckpt_dir: str | Path, modules: list[str] | tuple[str, ...] | None = None,
+def plan(ckpt_dir: str | Path | None, modules: list[str] | tuple[str, ...] | None = None,
          base: str | Path | None = None, fan_in_fan_out: bool | None = None,
-         skip_broken: bool = False, split_fused: bool = True) -> pd.DataFrame:
+         skip_broken: bool = False, runs=(), split_fused: bool = True) -> pd.DataFrame:
     """Dry run (headers only): one row per (run, step, module) that would be measured."""
     layout = discover(ckpt_dir, base=base, modules=list(modules) if modules else None,
-                      fan_in_fan_out=fan_in_fan_out, skip_broken=skip_broken, split_fused=split_fused)
+                      fan_in_fan_out=fan_in_fan_out, skip_broken=skip_broken,
+                      runs=runs.items() if isinstance(runs, dict) else runs, split_fused=split_fused)
     rows = [{"run": r.name, "method": r.method, "step": s, "module": m.name, "layer": m.layer,
              "matrix": m.matrix, "out_features": m.out_features, "in_features": m.in_features,
              "transposed": m.transposed, "path": str(p)}

@@ -212,14 +212,11 @@ def sharded_analysis(ckpt_dir: str | Path, options, env: DistEnv):
     Raises the same error on every rank if any rank fails.
     """
     from wda.analysis import run_analysis
-    from wda.layout import discover
 
     t0 = time.perf_counter()
     layout, err = None, None
     try:  # headers only, on every rank: the same call run_analysis makes, all modules
-        layout = discover(ckpt_dir, base=options.base, modules=list(options.modules or []) or None,
-                          fan_in_fan_out=options.fan_in_fan_out, skip_broken=options.skip_broken,
-                          split_fused=options.split_fused)
+        layout = options.discover(ckpt_dir)
     except Exception as exc:
         err = exc
     agree(err)
@@ -232,7 +229,7 @@ def sharded_analysis(ckpt_dir: str | Path, options, env: DistEnv):
         if mine:  # an empty share runs nothing: modules=() would mean "the default modules"
             opts = dataclasses.replace(options, modules=tuple(exact_pattern(n) for n in mine),
                                        device=rank_device(options.device, env),
-                                       progress=options.progress and env.is_main)
+                                       progress=options.progress if env.is_main else False)
             res = run_analysis(ckpt_dir, opts)
             if not set(res.metrics["module"]) <= set(mine):
                 raise RuntimeError(f"rank {env.rank} measured modules outside its share")
@@ -282,12 +279,14 @@ def _run_report(args, env: DistEnv) -> int:
     if args.dry_run:  # headers only: rank 0 alone
         return report._dry_run(args) if env.is_main else 0
     t_start = time.perf_counter()
-    out = report.out_dir(args)
-    options, err = None, None
+    options, err, out = None, None, None
     try:
+        out = report.out_dir(args)
         options = report._options(args)
         if env.is_main:  # only rank 0 touches OUT, which may live on rank 0's machine only
-            report.prepare_out(args, out)
+            report._clean_leftovers(out)  # a killed run's earlier report is put back first
+            layout = options.discover(args.ckpt_dir)  # the input is checked before --out
+            report.prepare_out(args, out, layout)
     except Exception as exc:
         err = exc
     agree(err)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,10 @@ from wda.formats import METHOD_ORDER, Checkpoint, TensorInfo, open_checkpoint
 from wda.formats.base import CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, MODEL_CONFIG
 from wda.errors import WdaError
 from wda.formats import fused_qkv
+from wda.formats.tensors import present
+from wda.hub import cached_snapshot, describe, parse_hub_id
 from wda.names import matches
+from wda.trainer_state import check_step, logged_near, read_state
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,8 @@ class Run:
     steps: dict[int, Path]  # step -> checkpoint folder, sorted by step
     # base module -> the module's name inside this run's adapters (adapters only)
     adapter_names: dict[str, str] = field(default_factory=dict)
+    # step -> train_loss / learning_rate / epoch logged nearest it (trainer_state.json)
+    train_log: dict[int, dict[str, float | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -130,19 +136,153 @@ def _listdir(d: Path) -> list[Path]:
         raise WdaError(d, f"cannot list this directory ({exc.strerror or exc})", "check its permissions") from None
 
 
-def _find_runs(root: Path, base: Path
-               ) -> tuple[list[tuple[str, dict[int, Path]]], list[str], list[WdaError]]:
+def _holds_checkpoints(d: Path) -> bool:
+    """``d`` is one run: ``checkpoint-<step>/`` folders directly inside (a Trainer output_dir)."""
+    return any(c.name.startswith(CHECKPOINT_PREFIX) and c.is_dir() for c in _listdir(d))
+
+
+RawRun = tuple[str, Path, dict[int, Path]]  # name, folder, step -> checkpoint folder
+
+
+def _find_runs(root: Path, exclude: set[Path]) -> tuple[list[RawRun], list[str], list[WdaError]]:
     runs, notes, problems = [], [], []
+    skip = {p.resolve() for p in exclude}
     for d in sorted(_listdir(root)):
-        if not d.is_dir() or d.name.startswith(".") or d.resolve() == base.resolve():
+        if not d.is_dir() or d.name.startswith(".") or d.resolve() in skip:
             continue
         steps, bad = _steps_of(d)
         problems += bad
         if steps:
-            runs.append((d.name, steps))
+            runs.append((d.name, d, steps))
         elif not bad:
             notes.append(f"{d}: ignored (no {CHECKPOINT_PREFIX}<step> folders)")
     return runs, notes, problems
+
+
+_RUN_HINT = f"--run NAME=PATH takes a run's folder of {CHECKPOINT_PREFIX}<step>/ folders (a Trainer output_dir)"
+
+
+def _given_run(name: str, path: Path) -> tuple[dict[int, Path], list[WdaError]]:
+    """The steps of a run given as ``--run NAME=PATH``: a folder of checkpoints, or one
+    ``checkpoint-<step>/`` folder."""
+    if not path.exists():
+        raise WdaError(path, f"does not exist (--run {name}=...)", _RUN_HINT)
+    if not path.is_dir():
+        raise WdaError(path, f"is not a directory (--run {name}=...)", _RUN_HINT)
+    if _holds_checkpoints(path):
+        return _steps_of(path)
+    raw = path.name[len(CHECKPOINT_PREFIX):]
+    if path.name.startswith(CHECKPOINT_PREFIX) and raw.isascii() and raw.isdigit():
+        return {int(raw): path}, []
+    raise WdaError(path, f"holds no {CHECKPOINT_PREFIX}<step>/ folders (--run {name}=...)", _RUN_HINT)
+
+
+def _gather_runs(ckpt_dir: str | Path | None, given: Sequence[tuple[str, str | Path]], base
+                 ) -> tuple[Path, Path | None, list[RawRun], list[str], list[WdaError]]:
+    """(root, root/base when CKPT_DIR is a folder of runs, runs, notes, problems): names only."""
+    runs: list[RawRun] = []
+    notes: list[str] = []
+    problems: list[WdaError] = []
+    root, base_dir = None, None
+    if ckpt_dir is not None:
+        root = Path(ckpt_dir)
+        if not root.exists():
+            raise WdaError(root, "does not exist", "check the CKPT_DIR path")
+        if not root.is_dir():
+            raise WdaError(root, "is not a directory",
+                           f"CKPT_DIR is a folder of runs, or one run's folder of {CHECKPOINT_PREFIX}<step>/ folders")
+        if base is None and not given and not any(_listdir(root)):
+            raise WdaError(root, "is empty", f"expected base/ and <run>/{CHECKPOINT_PREFIX}<step>/ folders")
+        if _holds_checkpoints(root):  # one run: a Trainer output_dir
+            steps, problems = _steps_of(root)
+            if steps:
+                runs.append((root.resolve().name, root, steps))
+        else:
+            base_dir = root / "base"
+            exclude = {base_dir} | ({Path(base)} if base is not None and present(Path(base)) else set())
+            runs, notes, problems = _find_runs(root, exclude)
+    for name, path in given:
+        steps, bad = _given_run(name, Path(path))
+        if name in {r[0] for r in runs}:
+            raise WdaError(None, f"--run {name}={path}: a run named {name!r} is already analysed",
+                           "give each run its own name")
+        problems += bad
+        runs.append((name, Path(path), steps))
+    if root is None:
+        if not runs:
+            raise WdaError(None, "nothing to analyse", "give CKPT_DIR or --run NAME=PATH")
+        root = Path(os.path.commonpath([str(p.resolve()) for _, p, _ in runs]))
+    return root, base_dir, runs, notes, problems
+
+
+_BASE_HINT = "put the pretrained model in CKPT_DIR/base/, or pass --base PATH or --base org/name[@revision] " \
+             "(a model in the local Hugging Face cache)"
+
+
+def resolve_base(base: str | Path | None, base_dir: Path | None, where: Path, runs: list[RawRun]) -> Path:
+    """The base weights W_0: ``--base`` (a folder, a file, or a hub id found offline in the
+    local Hugging Face cache), else ``CKPT_DIR/base/``, else the base the adapters name."""
+    if base is not None:
+        path = Path(base)
+        if present(path):
+            return path
+        hub = parse_hub_id(str(base))
+        if hub is None:
+            raise WdaError(path, "no base weights (W_0) found", "check the --base path")
+        snapshot = cached_snapshot(*hub)
+        if snapshot is None:
+            raise WdaError(path, f"--base is neither a folder nor a cached model: looked for {describe(*hub)}",
+                           f"pass the folder of the pretrained weights, or download the model first "
+                           f"(huggingface-cli download {hub[0]})")
+        return snapshot
+    if base_dir is not None and present(base_dir):
+        return base_dir
+    named = _named_bases(runs)
+    if len({name for _, name in named}) > 1:
+        listed = ", ".join(sorted({repr(name) for _, name in named}))
+        raise WdaError(named[0][0], f"the adapters name different base models ({listed})",
+                       "analyse one base at a time; pass --base")
+    if named:
+        cfg, name = named[0]
+        if Path(name).expanduser().is_dir():
+            return Path(name).expanduser()
+        hub = parse_hub_id(name)
+        snapshot = cached_snapshot(*hub) if hub else None
+        if snapshot is not None:
+            return snapshot
+        looked = describe(*hub) if hub else "a folder of that name"
+        raise WdaError(cfg, f"no base weights (W_0) found: the adapter names base_model_name_or_path {name!r}; "
+                            f"looked for {looked}", _BASE_HINT)
+    raise WdaError(base_dir if base_dir is not None else where, "no base weights (W_0) found", _BASE_HINT)
+
+
+def _named_bases(runs: list[RawRun]) -> list[tuple[Path, str]]:
+    """(config file, base_model_name_or_path) of the first readable adapter of each run."""
+    out = []
+    for _, _, steps in runs:
+        for path in steps.values():
+            try:
+                ck = open_checkpoint(path)
+            except WdaError:  # reported where the checkpoints are opened
+                continue
+            if ck.base_model:
+                out.append((ck.method_file or ck.source, ck.base_model))
+            break
+    return out
+
+
+def _train_log(steps: dict[int, Path], states: dict[Path, dict]) -> dict[int, dict[str, float | None]]:
+    """step -> training loss / learning rate / epoch logged nearest it. Each checkpoint's
+    trainer_state.json holds the log up to its step: merged over the run's checkpoints."""
+    mine = {p: states[p] for p in steps.values() if p in states}
+    if not mine:
+        return {}
+    history: dict[int, dict] = {}
+    for state in mine.values():
+        for entry in state.get("log_history", []):
+            if isinstance(entry.get("step"), int) and "loss" in entry:
+                history[entry["step"]] = entry
+    return {s: logged_near(list(history.values()), s, mine.get(p, {}).get("epoch")) for s, p in steps.items()}
 
 
 def _base_modules(base: Checkpoint) -> dict[str, tuple[int, ...]]:
@@ -164,23 +304,22 @@ def _map_adapter_module(amod: str, base_mods: dict, where: Path) -> str:
                    "save the adapter with full module names")
 
 
-def discover(ckpt_dir: str | Path, base: str | Path | None = None,
+def discover(ckpt_dir: str | Path | None, base: str | Path | None = None,
              modules: list[str] | None = None, fan_in_fan_out: bool | None = None,
-             skip_broken: bool = False, split_fused: bool = True) -> Layout:
+             skip_broken: bool = False, runs: Sequence[tuple[str, str | Path]] = (),
+             split_fused: bool = True) -> Layout:
     """Find and check everything to analyse (headers only). Raises WdaError on bad input;
-    with ``skip_broken`` a broken checkpoint is skipped and listed instead. ``split_fused``:
+    with ``skip_broken`` a broken checkpoint is skipped and listed instead.
+
+    ``ckpt_dir``: a folder of runs (``<run>/checkpoint-<step>/``, base in ``base/``), or one
+    run (a Trainer ``output_dir`` holding ``checkpoint-<step>/``), or None when every run is
+    given in ``runs`` as (name, folder). ``base``: a folder, a weights file or a hub id
+    (``org/name[@revision]``, looked up offline in the local Hugging Face cache); default
+    ``CKPT_DIR/base/``, else the ``base_model_name_or_path`` the adapters name. ``split_fused``:
     fused attention projections (GPT-2 ``c_attn``, ``query_key_value``, ...) are measured as
-    their q, k, v parts, read from the base's config.json."""
-    root = Path(ckpt_dir)
-    if not root.exists():
-        raise WdaError(root, "does not exist", "check the CKPT_DIR path")
-    if not root.is_dir():
-        raise WdaError(root, "is not a directory", "CKPT_DIR is the folder holding base/ and the run folders")
-    base_path = Path(base) if base is not None else root / "base"
-    if base is None and not any(_listdir(root)):
-        raise WdaError(root, "is empty", f"expected base/ and <run>/{CHECKPOINT_PREFIX}<step>/ folders")
-    if not base_path.exists():
-        raise WdaError(base_path, "no base weights (W_0) found", "put them in CKPT_DIR/base/ or pass --base PATH")
+    their q, k, v parts, laid out as the base's config.json says."""
+    root, base_dir, raw_runs, notes, problems = _gather_runs(ckpt_dir, runs, base)
+    base_path = resolve_base(base, base_dir, root, raw_runs)
     base_ck = open_checkpoint(base_path)
     if base_ck.is_adapter:
         raise WdaError(base_path, "the base must hold full weights, not an adapter",
@@ -189,7 +328,6 @@ def discover(ckpt_dir: str | Path, base: str | Path | None = None,
     if not base_mods:
         raise WdaError(base_ck.source, "the base checkpoint holds no 2-D *.weight tensor to analyse",
                        "is this the pretrained model?")
-    raw_runs, notes, problems = _find_runs(root, base_path)
 
     skipped: list[tuple[str, str]] = []
 
@@ -204,12 +342,14 @@ def discover(ckpt_dir: str | Path, base: str | Path | None = None,
     if not raw_runs and skipped:
         raise WdaError(root, "no valid checkpoint left to analyse", "every checkpoint was skipped as broken")
     if not raw_runs:
-        raise WdaError(root, "no runs found", f"expected <run>/{CHECKPOINT_PREFIX}<step>/ folders beside base/")
+        raise WdaError(root, "no runs found", f"expected <run>/{CHECKPOINT_PREFIX}<step>/ folders beside base/, "
+                                              f"or {CHECKPOINT_PREFIX}<step>/ folders in CKPT_DIR itself")
 
     runs: list[Run] = []
     opened: dict[Path, Checkpoint] = {}
     base_names: dict[Path, dict[str, str]] = {}  # checkpoint -> {adapter module: base module}
-    for name, steps in raw_runs:
+    states: dict[Path, dict] = {}  # checkpoint -> its trainer_state.json
+    for name, run_dir, steps in raw_runs:
         ok_steps: dict[int, Path] = {}
         for step, path in steps.items():
             try:
@@ -217,16 +357,20 @@ def discover(ckpt_dir: str | Path, base: str | Path | None = None,
                 # adapter module names -> base modules (prefixes may differ by a wrapper)
                 names = {amod: _map_adapter_module(amod, base_mods, info.file)
                          for amod, info in ck.adapters.items()}
+                state = read_state(path)
+                if state is not None:
+                    check_step(path, step, state)
+                    states[path] = state
             except WdaError as err:
                 broken(path, err)
                 continue
             opened[path], base_names[path], ok_steps[step] = ck, names, path
-        method = _run_method(root / name, {s: opened[p] for s, p in ok_steps.items()}, broken)
+        method = _run_method(run_dir, {s: opened[p] for s, p in ok_steps.items()}, broken)
         ok_steps = {s: p for s, p in ok_steps.items() if opened[p].method == method}
         if not ok_steps:
-            notes.append(f"{root / name}: no readable checkpoint left, run dropped")
+            notes.append(f"{run_dir}: no readable checkpoint left, run dropped")
             continue
-        runs.append(Run(name, method, root / name, ok_steps))
+        runs.append(Run(name, method, run_dir, ok_steps, train_log=_train_log(ok_steps, states)))
 
     for run in runs:
         for path in run.steps.values():
@@ -236,7 +380,8 @@ def discover(ckpt_dir: str | Path, base: str | Path | None = None,
     transposed = _transposed_modules(base_ck, runs, opened, base_mods, fan_in_fan_out)
     config = base_ck.config() if split_fused else None  # tells how fused q/k/v are laid out
     infos = _select_modules(base_mods, runs, modules, base_ck, transposed, config)
-    infos = _split_fused(infos, config, base_ck.path / MODEL_CONFIG, modules, runs)
+    base_folder = base_ck.path if base_ck.path.is_dir() else base_ck.path.parent
+    infos = _split_fused(infos, config, base_folder / MODEL_CONFIG, modules, runs)
     for m in infos:
         _check_dtype(base_ck.weights[m.tensor])
     layout = Layout(root, base_path, runs, infos, skipped, notes)

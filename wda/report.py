@@ -31,10 +31,16 @@ def _parser() -> argparse.ArgumentParser:
         description="Weight-decomposition analysis (DoRA paper, Eqs. 2-4) of the fine-tuning runs in "
                     "CKPT_DIR: per layer and step, the magnitude change ΔM and direction change ΔD "
                     "against the pretrained weights, regression fits, Figure 2 and a report.",
-        epilog="Layout: CKPT_DIR/base/ (W_0) and CKPT_DIR/<run>/checkpoint-<step>/ folders holding full "
-               "weights (model.safetensors, sharded, pytorch_model.bin) or PEFT adapters. "
+        epilog="Layout: CKPT_DIR/base/ (W_0) and CKPT_DIR/<run>/checkpoint-<step>/ folders, or CKPT_DIR = one "
+               "run (a Trainer output_dir holding checkpoint-<step>/ folders), or runs given with --run. "
+               "Checkpoints hold full weights (model.safetensors, sharded, pytorch_model.bin, FSDP "
+               "pytorch_model_fsdp_0/) or PEFT adapters. "
                "Exit status: 0 done, 2 bad input, 1 internal error, 130 interrupted.")
-    p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="directory with base/ and run folders")
+    p.add_argument("ckpt_dir", metavar="CKPT_DIR", nargs="?",
+                   help="a folder of runs (with base/), or one run's folder of checkpoint-<step>/ folders "
+                        "(a Trainer output_dir); optional with --run")
+    p.add_argument("--run", metavar="NAME=PATH", action="append", default=[],
+                   help="a run to analyse: a folder of checkpoint-<step>/ folders, anywhere (repeatable)")
     p.add_argument("--out", metavar="OUT", help="report folder (default: reports/<name of CKPT_DIR>)")
     p.add_argument("--modules", metavar="LIST",
                    help="comma-separated module-name suffixes (q_proj) or regular expressions "
@@ -46,7 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="compute dtype, whatever the stored one (default float32)")
-    p.add_argument("--base", metavar="PATH", help="pretrained weights W_0 (default CKPT_DIR/base)")
+    p.add_argument("--base", metavar="PATH|ORG/NAME[@REV]",
+                   help="pretrained weights W_0: a folder, a weights file, or a hub id found offline in the "
+                        "local Hugging Face cache (default: CKPT_DIR/base, else the adapters' "
+                        "base_model_name_or_path)")
     p.add_argument("--fan-in-fan-out", choices=("auto", "yes", "no"), default="auto",
                    help="weights stored (in, out) as GPT-2 Conv1D; auto: from adapter configs and "
                         "config.json")
@@ -61,7 +70,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="bootstrap resamples for the confidence interval of r (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--no-figures", action="store_true", help="tables and report.md only")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                     help="a progress bar even when stderr is not a terminal")
+    bar.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                     help="no progress bar (default: one only when stderr is a terminal)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
@@ -78,8 +91,20 @@ def _options(args: argparse.Namespace):
     fifo = {"auto": None, "yes": True, "no": False}[args.fan_in_fan_out]
     return AnalysisOptions(modules=modules, axis=args.axis, device=args.device, dtype=args.dtype,
                            base=args.base, fan_in_fan_out=fifo, skip_broken=args.skip_broken,
-                           split_fused=not args.no_split,
-                           progress=not args.no_progress)
+                           split_fused=not args.no_split, progress=args.progress, runs=_runs(args))
+
+
+def _runs(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """``--run NAME=PATH`` options as (name, path) pairs."""
+    out = []
+    for spec in args.run:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise WdaError(None, f"--run {spec!r} is not NAME=PATH", "e.g. --run lora=out/lora-r8")
+        out.append((name.strip(), path.strip()))
+    if args.ckpt_dir is None and not out:
+        raise WdaError(None, "nothing to analyse", "give CKPT_DIR or --run NAME=PATH")
+    return tuple(out)
 
 
 def _versions() -> dict[str, str]:
@@ -243,18 +268,13 @@ def _clean_leftovers(out: Path) -> None:
 
 def _dry_run(args) -> int:
     """What would be measured (headers only), and what --skip-broken would set aside."""
-    from wda.layout import discover
-
-    opts = _options(args)
-    layout = discover(args.ckpt_dir, base=opts.base, modules=list(opts.modules or []) or None,
-                      fan_in_fan_out=opts.fan_in_fan_out, skip_broken=opts.skip_broken,
-                      split_fused=opts.split_fused)
+    layout = _options(args).discover(args.ckpt_dir)
     pairs = layout.module_pairs()
     n = sum(len(r.steps) for _, r in pairs)
-    print(f"{args.ckpt_dir}: {len(layout.runs)} run(s), {len({m.name for m, _ in pairs})} module(s), "
-          f"{n} matrices to measure")
+    print(f"{layout.root}: {len(layout.runs)} run(s), {len({m.name for m, _ in pairs})} module(s), "
+          f"{n} matrices to measure; base {layout.base}")
     for run in layout.runs:
-        print(f"  {run.name:<16} {run.method:<5} steps {', '.join(map(str, run.steps))}")
+        print(f"  {run.name:<16} {run.method:<5} {run.path}  steps {', '.join(map(str, run.steps))}")
     for m in layout.modules:
         flag = "  (stored in, out)" if m.transposed else ""
         print(f"  {m.name}  (out={m.out_features}, in={m.in_features}){flag}")
@@ -264,13 +284,24 @@ def _dry_run(args) -> int:
 
 
 def out_dir(args: argparse.Namespace) -> Path:
-    return Path(args.out) if args.out else Path("reports") / Path(args.ckpt_dir).resolve().name
+    """--out, else reports/<name of CKPT_DIR> (of the first --run without CKPT_DIR)."""
+    if args.out:
+        return Path(args.out)
+    inp = args.ckpt_dir if args.ckpt_dir is not None else _runs(args)[0][1]
+    return Path("reports") / Path(inp).resolve().name
 
 
-def prepare_out(args: argparse.Namespace, out: Path) -> None:
-    """Before the long part: recover from a killed run, refuse an --out we must not replace."""
+def prepare_out(args: argparse.Namespace, out: Path, layout=None) -> None:
+    """Before the long part: recover from a killed run, refuse an --out we must not replace
+    (one holding any input: CKPT_DIR, the base, a run)."""
     _clean_leftovers(out)
-    _check_out(out, [Path(args.ckpt_dir)] + ([Path(args.base)] if args.base else []))
+    inputs = [Path(args.ckpt_dir)] if args.ckpt_dir is not None else []
+    inputs += [Path(p) for _, p in _runs(args)]
+    if layout is not None:
+        inputs.append(layout.base)
+    elif args.base and Path(args.base).exists():
+        inputs.append(Path(args.base))
+    _check_out(out, inputs)
 
 
 def write_report(result, args: argparse.Namespace, out: Path, t_start: float) -> None:
@@ -311,8 +342,10 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     out = out_dir(args)
     options = _options(args)
-    prepare_out(args, out)
-    result = run_analysis(args.ckpt_dir, options)
+    _clean_leftovers(out)  # a killed run's earlier report is put back whatever happens next
+    layout = options.discover(args.ckpt_dir)  # the input is checked before --out
+    prepare_out(args, out, layout)
+    result = run_analysis(args.ckpt_dir, options, layout=layout)
     write_report(result, args, out, t_start)
     announce(result, out, t_start)
     return 0
