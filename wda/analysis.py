@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from wda.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
+from wda.dora import merge_dora_input_axis
 from wda.errors import WdaError
 from wda.formats import HandleCache, fused_qkv
 from wda.layout import Layout, ModuleInfo, Run, discover
@@ -133,7 +134,10 @@ def _read_item(item: _Item, cache: HandleCache) -> _Loaded:
         return _Loaded({"w": ck.read_weight(name)}, None, ck.weights[name].file)
     # an adapter's own module name: prefixes may differ from the base's by a wrapper
     info = ck.adapters[item.run.adapter_names[item.module.name]]
-    return _Loaded(ck.read_adapter(item.run.adapter_names[item.module.name]), info.scaling, info.file)
+    tensors = ck.read_adapter(item.run.adapter_names[item.module.name])
+    if info.magnitude_axis == "in" and "m" in tensors:
+        tensors["m_in"] = tensors.pop("m")  # one magnitude per input channel
+    return _Loaded(tensors, info.scaling, info.file)
 
 
 def _is_full(item: _Item) -> bool:
@@ -159,6 +163,8 @@ def _reader(cache: HandleCache, dev: torch.device):
 
 # ---- measuring ---------------------------------------------------------------------------
 def _canonical(w: torch.Tensor, m: ModuleInfo) -> torch.Tensor:
+    if w.dim() == 4:  # a conv kernel (out, in, kh, kw): one row per output channel
+        w = w.reshape(w.shape[0], -1)
     w = w.t() if m.transposed else w  # Conv1D (in, out) -> (out, in)
     return _part_rows(w, m)
 
@@ -193,6 +199,8 @@ def _adapter_tensors(data: _Loaded, dev: torch.device, dtype: torch.dtype,
     t = {k: v.to(dtype) for k, v in _on_device(data, dev).items()}
     if "m" in t:
         t["m"] = _part_rows(t["m"].reshape(-1), module)  # (out,)
+    if "m_in" in t:
+        t["m_in"] = t["m_in"].reshape(-1)  # (in channels,)
     if "b" in t:
         # B's rows are the output rows of ΔW = s·B·A (and the DoRA norm is per output row):
         # the rows of a fused module's part are exactly its merged rows
@@ -207,6 +215,7 @@ class _Measurer:
     def __init__(self, options: AnalysisOptions, dev: torch.device, dtype: torch.dtype) -> None:
         self.options, self.dev, self.dtype = options, dev, dtype
         self.base: BaseWeight | None = None
+        self.w0: torch.Tensor | None = None
         self.rows: list[dict] = []
         self.broken: dict[str, str] = {}  # checkpoint path -> reason (skip_broken)
         self.bytes_read = 0
@@ -222,8 +231,9 @@ class _Measurer:
         self.bytes_read += data.nbytes
         if item.run is None:
             self.flush()
-            self.base = None  # let the previous W_0 go first
+            self.base = self.w0 = None  # let the previous W_0 go first
             self.base = _prepare_base(item, data, self.dev, self.dtype, self.options.axis)
+            self.w0 = _canonical(_on_device(data, self.dev)["w"], item.module)  # for dense merges
         elif data.scaling is not None:
             self._flush_full()
             self._pending.append((item, data))
@@ -263,12 +273,16 @@ class _Measurer:
         base = self.base
         tensors = [_adapter_tensors(d, self.dev, self.dtype, it.module) for it, d in pending]
         # the ones measured from their factors share one pass over W_0
-        low = [i for i, t in enumerate(tensors) if "a" in t and not ("m" in t and base.dim == 0)]
+        low = [i for i, t in enumerate(tensors)
+               if "a" in t and "m_in" not in t and not ("m" in t and base.dim == 0)]
         proj = dict(zip(low, base.project([(tensors[i]["a"], tensors[i]["b"]) for i in low])))
         for i, ((item, data), t) in enumerate(zip(pending, tensors)):
             s = data.scaling  # this checkpoint's own, for this module
             if "a" not in t:  # magnitude only (paper Table 6): W' = m · W_0 / ||W_0||
                 self._record(item, data, lambda t=t: base.measure_rescaled(t["m"]))
+            elif "m_in" in t:  # magnitudes per input channel: merged densely (one matrix)
+                self._record(item, data, lambda t=t, s=s: base.measure(
+                    merge_dora_input_axis(self.w0.to(self.dtype), t["a"], t["b"], s, t["m_in"])))
             else:
                 self._record(item, data, lambda t=t, s=s, p=proj.get(i): base.measure_lowrank(
                     t["a"], t["b"], s, t.get("m"), projected=p))

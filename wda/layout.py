@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -286,8 +287,14 @@ def _train_log(steps: dict[int, Path], states: dict[Path, dict]) -> dict[int, di
 
 
 def _base_modules(base: Checkpoint) -> dict[str, tuple[int, ...]]:
-    """Every 2-D weight of the base: module name (without .weight) -> stored shape."""
-    return {m: t.shape for m, t in base.weights.items() if len(t.shape) == 2}
+    """Every 2-D weight of the base, and every conv kernel (out, in, kh, kw) flattened to
+    (out, in·kh·kw): module name (without .weight) -> stored (2-D) shape."""
+    return {m: flat_shape(t.shape) for m, t in base.weights.items() if len(t.shape) in (2, 4)}
+
+
+def flat_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A conv kernel's shape as the analysis sees it: one row per output channel."""
+    return (shape[0], shape[1] * shape[2] * shape[3]) if len(shape) == 4 else tuple(shape)
 
 
 def _map_adapter_module(amod: str, base_mods: dict, where: Path) -> str:
@@ -354,8 +361,10 @@ def discover(ckpt_dir: str | Path | None, base: str | Path | None = None,
         for step, path in steps.items():
             try:
                 ck = open_checkpoint(path)
-                # adapter module names -> base modules (prefixes may differ by a wrapper)
-                names = {amod: _map_adapter_module(amod, base_mods, info.file)
+                # adapter module names -> base modules (prefixes may differ by a wrapper;
+                # formats with names of their own, kohya's, map them by their rule)
+                renamed = ck.match_base(base_mods) if ck.adapters else {}
+                names = {amod: renamed.get(amod) or _map_adapter_module(amod, base_mods, info.file)
                          for amod, info in ck.adapters.items()}
                 state = read_state(path)
                 if state is not None:
@@ -552,7 +561,7 @@ def _check_module(ck: Checkpoint, m: ModuleInfo, run: Run) -> None:
             raise WdaError(ck.source, f"module {m.tensor!r} is missing (it is in the base checkpoint)",
                            "was this checkpoint saved from another model, or only partly?")
         stored = (in_f, out_f) if m.transposed else (out_f, in_f)
-        if t.shape != stored:
+        if flat_shape(t.shape) != stored:
             raise WdaError(t.file, f"{t.key} has shape {t.shape}, the base has {stored}",
                            "was this checkpoint saved from another model?")
         _check_dtype(t)
@@ -574,7 +583,12 @@ def _check_module(ck: Checkpoint, m: ModuleInfo, run: Run) -> None:
             raise WdaError(where, f"module {amod!r}: {_part(info.a, amod)} {info.a.shape} / {_part(info.b, amod)} "
                                   f"{info.b.shape} do not fit rank {r} from the adapter config and base shape "
                                   f"(out={out_f}, in={in_f})", resave)
-    if info.m is not None and info.m.shape not in ((out_f,), (1, out_f), (out_f, 1)):
+    if info.m is not None and info.magnitude_axis == "in":  # one per input channel (LyCORIS)
+        n = math.prod(info.m.shape)
+        if n == 0 or in_f % n:
+            raise WdaError(where, f"module {amod!r}: {_part(info.m, amod)} has {n} entries, which do not fit "
+                                  f"the {in_f} input features of the base", resave)
+    elif info.m is not None and info.m.shape not in ((out_f,), (1, out_f), (out_f, 1)):
         raise WdaError(where, f"module {amod!r}: {_part(info.m, amod)} has shape {info.m.shape}, "
                               f"expected ({out_f},)", resave)
     for t in (info.a, info.b, info.m):
