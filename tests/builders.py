@@ -121,3 +121,63 @@ def diagnostics_reference(w0: torch.Tensor, wt: torch.Tensor) -> dict[str, float
             "align_abs_mean": float(align.abs().mean()),
             "delta_m_radial": float((sign * ud / n0).mean()),
             "delta_m_tangential": float((sign * nt * (1 - cos)).mean())}
+
+
+def trainer_run(model, output_dir: Path, peft_config=None, max_steps: int = 4, save_steps: int = 2,
+                lr: float = 1e-2, seed: int = 0):
+    """A real ``transformers.Trainer`` run on random tokens, checkpoints as Trainer writes
+    them (``output_dir/checkpoint-<step>/``, trainer_state.json, optimizer.pt, ...).
+
+    Returns ``(refs, log_history)``: ``refs[step]`` the model's weights when that checkpoint
+    was saved, as a float64 state dict (adapters merged by PEFT's own merge_and_unload on a
+    float64 copy), taken in memory by a callback, not read back from the files; and the
+    Trainer's own log history."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    refs: dict[int, dict[str, torch.Tensor]] = {}
+
+    class Snapshot(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kw):
+            m = copy.deepcopy(model).double()
+            if peft_config is not None:
+                m = m.merge_and_unload()
+            refs[state.global_step] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (4 * max_steps, 8), generator=gen)
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, save_steps=save_steps,
+                             logging_steps=1, per_device_train_batch_size=4, learning_rate=lr,
+                             report_to=[], use_cpu=True, disable_tqdm=True, seed=seed)
+    trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": x, "labels": x} for x in ids],
+                      callbacks=[Snapshot()])
+    trainer.train()
+    return refs, list(trainer.state.log_history)
+
+
+def hub_cached(model, cache: Path, repo_id: str, sha: str = "0123456789abcdef0123456789abcdef01234567",
+               refs: tuple[str, ...] = ("main",)) -> Path:
+    """``model`` saved into a Hugging Face hub cache laid out as huggingface_hub lays it out:
+    ``models--org--name/blobs/<sha256>``, ``snapshots/<sha>/<file>`` links to the blobs,
+    ``refs/<name>`` holding the commit sha. Returns the snapshot folder."""
+    import hashlib
+    import tempfile
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / sha
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            data = f.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            (repo / "blobs" / digest).write_bytes(data)
+            (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / digest)
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(sha)
+    return snap

@@ -153,3 +153,19 @@ def test_saves_in_raster_and_vector_formats(tmp_path, ext):
         path = tmp_path / f"{name}.{ext}"
         fig.savefig(path, dpi=50)
         assert path.stat().st_size > 1000
+
+
+def test_trajectories_against_the_training_loss_leave_out_runs_without_it():
+    df = metrics(layers=2, steps=(10, 20, 30))
+    loss = {10: 3.0, 20: 2.5, 30: 2.25}
+    df["train_loss"] = [loss[s] if r in ("ft", "lora") else np.nan for r, s in zip(df["run"], df["step"])]
+    fig = trajectories(df, "q_proj", x="train_loss")
+    axes = data_axes(fig)
+    assert len(axes) == 2 * 2 and [ax.get_title() for ax in axes[:2]] == ["FT", "LoRA"]
+    for ax in axes:
+        for line in ax.get_lines():  # in training order: the loss falls along the line
+            assert list(line.get_xdata()) == [3.0, 2.5, 2.25]
+    assert axes[-1].get_xlabel() == "training loss"
+    layer0 = df[(df["run"] == "ft") & (df["matrix"] == "q_proj") & (df["layer"] == 0)].sort_values("step")
+    assert list(axes[0].get_lines()[0].get_ydata()) == list(layer0["delta_m"])
+    assert list(axes[2].get_lines()[0].get_ydata()) == list(layer0["delta_d"])

@@ -1,7 +1,9 @@
-"""Find the base, the runs and their steps in a checkpoint directory; pick and check modules.
+"""Find the base, the runs and their steps; pick and check modules.
 
-    CKPT_DIR/base/                      W_0 (full weights)
-    CKPT_DIR/<run>/checkpoint-<step>/   full weights or a PEFT adapter, any number of runs
+    CKPT_DIR/base/                      W_0 (full weights), or --base (a folder, a file, a hub id)
+    CKPT_DIR/<run>/checkpoint-<step>/   full weights or an adapter, any number of runs
+    CKPT_DIR/checkpoint-<step>/         or CKPT_DIR is one run (a Trainer output_dir)
+    --run NAME=PATH                     or runs given one by one
 
 The method of a run is read from its files, never from its folder name. Everything here
 reads headers only; no tensor data is loaded.

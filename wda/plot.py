@@ -169,10 +169,18 @@ def figure2(metrics: pd.DataFrame, fits: pd.DataFrame | None = None, matrix: str
     return fig
 
 
+_X_LABELS = {"step": "step", "train_loss": "training loss", "epoch": "epoch", "learning_rate": "learning rate"}
+
+
 def trajectories(metrics: pd.DataFrame, matrix: str,
-                 runs: Sequence[str] | None = None) -> Figure:
-    """ΔM (top row) and ΔD (bottom row) against step, one line per layer, one column per run."""
+                 runs: Sequence[str] | None = None, x: str = "step") -> Figure:
+    """ΔM (top row) and ΔD (bottom row) against ``x`` (the step, or a column logged by the
+    Trainer such as ``train_loss``), one line per layer, one column per run; runs with
+    nothing logged in ``x`` are left out."""
     sub, order = _select(metrics, matrix, runs)
+    if x != "step":
+        sub = sub[sub[x].notna()]
+        order = [r for r in order if r in set(sub["run"])]
     with matplotlib.rc_context(_STYLE):
         ncols = max(len(order), 1)
         fig = Figure(figsize=(_PANEL_W * ncols + 0.6, 4.0), layout="constrained")
@@ -185,13 +193,14 @@ def trajectories(metrics: pd.DataFrame, matrix: str,
             for row, (column, label) in enumerate((("delta_m", "ΔM"), ("delta_d", "ΔD"))):
                 ax = grid[row, col]
                 for layer, pts in data.groupby("layer", sort=True):
-                    pts = pts.sort_values("step")
+                    pts = pts.sort_values("step")  # in training order, whatever x is
                     # Markers too, so that a single step still shows as points.
-                    ax.plot(pts["step"], pts[column], marker="o", markersize=2, lw=0.9,
+                    ax.plot(pts[x], pts[column], marker="o", markersize=2, lw=0.9,
                             color=cmap(norm(layer_index[layer])))
                 ax.set_ylabel(label)
                 _sci_axes(ax, axis="y")  # steps read best as plain integers
-            grid[1, col].set_xlabel("step")
+            grid[1, col].set_xlabel(_X_LABELS.get(x, x))
         _layer_colorbar(fig, grid.ravel().tolist(), cmap, norm, layer_index)
-        fig.suptitle(f"{matrix}: change against training step", fontsize=8)
+        what = "training step" if x == "step" else _X_LABELS.get(x, x) + " logged nearest each checkpoint"
+        fig.suptitle(f"{matrix}: change against {what}", fontsize=8)
     return fig

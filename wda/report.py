@@ -196,6 +196,10 @@ def _write_figures(metrics, fits, out: Path) -> dict[str, str]:
         fig.savefig(out / f"trajectories_{matrix}.png", dpi=150, metadata={"Software": None},
                     bbox_inches="tight")
         figures[f"{matrix}: ΔM and ΔD against step, per layer"] = f"trajectories_{matrix}.png"
+        if metrics.loc[metrics["matrix"] == matrix, "train_loss"].notna().any():  # trainer_state.json
+            fig = trajectories(metrics, matrix=matrix, x="train_loss")
+            fig.savefig(out / f"loss_{matrix}.png", dpi=150, metadata={"Software": None}, bbox_inches="tight")
+            figures[f"{matrix}: ΔM and ΔD against the training loss, per layer"] = f"loss_{matrix}.png"
     return figures
 
 
