@@ -8,8 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -185,9 +183,9 @@ def test_family_against_model_code_and_peft_merge(tmp_path, name, build, fused, 
         for step, sd in states.items():
             n += _check(df, run, step, ref0, model_qkv(_load(model, sd), fused, catch, group), fused_names)
     assert n == len(df) == 3 * 2 * 3 * len(fused_names)
-    # the float32 default agrees too
-    df32 = wda.analyze(tmp_path, progress=False)
-    assert df32.delta_d.to_numpy() == pytest.approx(df.delta_d.to_numpy(), rel=1e-4)
+    if name == "gpt2":  # the float32 default agrees too (Conv1D: column-stored parts)
+        df32 = wda.analyze(tmp_path, progress=False)
+        assert df32.delta_d.to_numpy() == pytest.approx(df.delta_d.to_numpy(), rel=1e-4)
 
 
 def test_mpt_against_its_chunk_and_peft_merge(tmp_path):
@@ -295,28 +293,31 @@ def test_default_parts_modules_filter_and_no_split(gpt2_dir):
     assert set(whole.matrix) == {"c_attn"} and set(whole.out_features) == {96}
 
 
-def test_cli_no_split(gpt2_dir):
-    cmd = [sys.executable, "-m", "wda.report", str(gpt2_dir), "--dry-run"]
-    split = subprocess.run(cmd, capture_output=True, text=True)
-    whole = subprocess.run(cmd + ["--no-split"], capture_output=True, text=True)
-    assert split.returncode == whole.returncode == 0, split.stderr + whole.stderr
-    assert "transformer.h.0.attn.c_attn.q  (out=32, in=32)" in split.stdout
-    assert "c_attn.q" not in whole.stdout and "transformer.h.0.attn.c_attn  (out=96, in=32)" in whole.stdout
+def test_cli_no_split(gpt2_dir, capsys):
+    from wda.report import main
+
+    assert main([str(gpt2_dir), "--dry-run"]) == 0
+    split = capsys.readouterr().out
+    assert main([str(gpt2_dir), "--dry-run", "--no-split"]) == 0
+    whole = capsys.readouterr().out
+    assert "transformer.h.0.attn.c_attn.q  (out=32, in=32)" in split
+    assert "c_attn.q" not in whole and "transformer.h.0.attn.c_attn  (out=96, in=32)" in whole
 
 
-def test_config_that_does_not_fit_is_one_line(gpt2_dir, tmp_path):
+def test_config_that_does_not_fit_is_one_line(gpt2_dir, tmp_path, capsys):
+    from wda.report import main
+
     d = tmp_path / "d"
     shutil.copytree(gpt2_dir, d)
     cfg = json.loads((d / "base" / "config.json").read_text())
     cfg["n_embd"] = 40  # c_attn holds 96 = 3 x 32 output features
     (d / "base" / "config.json").write_text(json.dumps(cfg))
-    proc = subprocess.run([sys.executable, "-m", "wda.report", str(d), "--dry-run"], capture_output=True, text=True)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+    assert main([str(d), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and "config.json" in lines[0] and "c_attn" in lines[0] and "--no-split" in lines[0]
-    assert "Traceback" not in proc.stderr
-    assert subprocess.run([sys.executable, "-m", "wda.report", str(d), "--dry-run", "--no-split"],
-                          capture_output=True, text=True).returncode == 0
+    assert "Traceback" not in err
+    assert main([str(d), "--dry-run", "--no-split"]) == 0
 
 
 # ---- the rules themselves ---------------------------------------------------------------------
