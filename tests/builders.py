@@ -124,14 +124,15 @@ def diagnostics_reference(w0: torch.Tensor, wt: torch.Tensor) -> dict[str, float
 
 
 def trainer_run(model, output_dir: Path, peft_config=None, max_steps: int = 4, save_steps: int = 2,
-                lr: float = 1e-2, seed: int = 0):
+                lr: float = 1e-2, seed: int = 0, final_only: bool = False):
     """A real ``transformers.Trainer`` run on random tokens, checkpoints as Trainer writes
     them (``output_dir/checkpoint-<step>/``, trainer_state.json, optimizer.pt, ...).
 
     Returns ``(refs, log_history)``: ``refs[step]`` the model's weights when that checkpoint
     was saved, as a float64 state dict (adapters merged by PEFT's own merge_and_unload on a
     float64 copy), taken in memory by a callback, not read back from the files; and the
-    Trainer's own log history."""
+    Trainer's own log history. ``final_only``: no checkpoint-<step>/ folders, only
+    ``trainer.save_model()`` and ``trainer.save_state()`` into output_dir after training."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     refs: dict[int, dict[str, torch.Tensor]] = {}
@@ -150,11 +151,15 @@ def trainer_run(model, output_dir: Path, peft_config=None, max_steps: int = 4, s
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (4 * max_steps, 8), generator=gen)
     args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, save_steps=save_steps,
-                             logging_steps=1, per_device_train_batch_size=4, learning_rate=lr,
+                             save_strategy="no" if final_only else "steps", logging_steps=1, per_device_train_batch_size=4, learning_rate=lr,
                              report_to=[], use_cpu=True, disable_tqdm=True, seed=seed)
     trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": x, "labels": x} for x in ids],
                       callbacks=[Snapshot()])
     trainer.train()
+    if final_only:
+        trainer.save_model()
+        trainer.save_state()
+        Snapshot().on_save(args, trainer.state, None, model=trainer.model)
     return refs, list(trainer.state.log_history)
 
 

@@ -137,3 +137,24 @@ def test_undefined_groups_and_per_step():
     per = drivers(t, by=("run", "method", "matrix", "step"))
     assert list(per.step) == [1, 2] and (per.n == 4).all()
     assert np.allclose(per[[f"r_{k}" for k in FACTORS]].sum(1), per.pearson_r, atol=1e-9)
+
+
+def test_report_writes_the_attribution(pristine, tmp_path, capsys):
+    """drivers.csv: the r of fits.csv, each split summing to it; report.md explains it; the
+    drivers figure is drawn per matrix kind."""
+    from wda.report import main
+
+    out = tmp_path / "rep"
+    assert main([str(pristine), "--out", str(out), "--no-progress", "--bootstrap", "0"]) == 0
+    capsys.readouterr()
+    why, fits = pd.read_csv(out / "drivers.csv"), pd.read_csv(out / "fits.csv")
+    merged = why.merge(fits, on=["run", "method", "matrix"], suffixes=("", "_fit"))
+    assert len(merged) == len(fits) == 6
+    np.testing.assert_allclose(merged.pearson_r, merged.pearson_r_fit, rtol=1e-9)
+    np.testing.assert_allclose(why[[f"r_{k}" for k in FACTORS]].sum(1), why.pearson_r, atol=1e-9)
+    np.testing.assert_allclose(why.r_radial + why.r_tangential, why.pearson_r, atol=1e-9)
+    per = pd.read_csv(out / "drivers_per_step.csv")
+    assert set(per.step) == {10, 20}
+    text = (out / "report.md").read_text()
+    assert "## What drives the correlation" in text and "drivers_q_proj.png" in text
+    assert (out / "drivers_q_proj.png").stat().st_size > 0

@@ -166,3 +166,12 @@ def test_base_as_a_single_safetensors_file(pristine, tmp_path):
     want = wda.analyze(pristine, progress=False)
     assert got[["run", "step", "module"]].equals(want[["run", "step", "module"]])
     assert (got["delta_d"] - want["delta_d"]).abs().max() == 0.0
+
+
+def test_unknown_peft_type_names_the_config(pristine, tmp_path, capsys):
+    root = tmp_path / "ck"
+    shutil.copytree(pristine, root)
+    cfg = root / "lora" / "checkpoint-20" / "adapter_config.json"
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "peft_type": "IA3"}))
+    rc, err = cli(capsys, str(root), "--out", str(tmp_path / "o"))
+    one_line_error(rc, err, str(cfg), "peft_type 'IA3' is not supported")

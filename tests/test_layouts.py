@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -131,6 +130,25 @@ def test_report_plots_change_against_training_loss(trained, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     assert (out / "loss_q_proj.png").stat().st_size > 1000
     assert "loss_q_proj.png" in (out / "report.md").read_text()
+
+
+def test_trainer_output_dir_with_only_the_final_save(trained, tmp_path, capsys):
+    """save_strategy="no", then trainer.save_model() and save_state(): the folder itself is
+    one checkpoint, its step the state's global_step."""
+    d, base_sd, _ = trained
+    model = tiny_llama(seed=4, layers=2)
+    refs, _ = trainer_run(model, tmp_path / "final", max_steps=3, final_only=True)
+    assert not list((tmp_path / "final").glob("checkpoint-*"))
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+    df = wda.analyze(tmp_path / "final", base=d / "base", progress=False)
+    assert set(df["run"]) == {"final"} and set(df["step"]) == {3}
+    for row in df.itertuples():
+        dm, dd, _ = plain_reference(base_sd[row.module + ".weight"], refs[3][row.module + ".weight"])
+        assert row.delta_m == pytest.approx(dm, rel=1e-4) and row.delta_d == pytest.approx(dd, rel=1e-4)
+    (tmp_path / "final" / "trainer_state.json").unlink()
+    capsys.readouterr()  # what the Trainer itself wrote
+    rc, err = cli(capsys, str(tmp_path / "final"), "--base", str(d / "base"), "--out", str(tmp_path / "o"))
+    one_line_error(rc, err, str(tmp_path / "final"), "no step", "--run")
 
 
 def test_runs_given_one_by_one(trained, tmp_path, capsys):

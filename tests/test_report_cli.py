@@ -28,7 +28,7 @@ from builders import plain_reference
 
 Q0 = "model.layers.0.self_attn.q_proj"
 PEFT = "base_model.model."
-CSVS = ("metrics.csv", "fits.csv", "fits_per_step.csv")
+CSVS = ("metrics.csv", "fits.csv", "fits_per_step.csv", "drivers.csv", "drivers_per_step.csv")
 
 
 def cli(capsys, ckpt_dir: Path, out: Path, *extra: str) -> tuple[int, str, str]:

@@ -12,7 +12,6 @@ flight: peak memory is a few matrices whatever the number of layers or steps.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -351,7 +350,7 @@ def _drop_broken(layout: Layout, broken: dict[str, str]) -> None:
 def _row(item: _Item, meas, axis: str) -> dict:
     m = item.module
     return {"run": item.run.name, "method": item.run.method, "step": item.step, "module": m.name,
-            "layer": m.layer, "matrix": m.matrix, **dataclasses.asdict(meas),
+            "layer": m.layer, "matrix": m.matrix, **{f: getattr(meas, f) for f in MEASUREMENT_FIELDS},
             "axis": axis, "stack": m.stack, **_logged(item), "_path": str(item.path)}
 
 

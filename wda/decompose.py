@@ -136,11 +136,21 @@ def summarize(ch: VectorChanges) -> Measurement:
     that a rotation makes by itself. Sums in float64, one device sync.
     """
     n = ch.valid.numel()
-    vm = ch.valid
-    k = int(vm.sum())
+    if kernels.available() and ch.dm.device.type == "cpu" and ch.dm.dtype in (torch.float32, torch.float64):
+        k, *sums = kernels.vector_sums(ch.m0, ch.dm, ch.dd, ch.valid)  # one pass, no temporaries
+    else:
+        k, *sums = _vector_sums(ch)
+    k = int(k)
     if k == 0:
         nan = float("nan")
         return Measurement(nan, nan, n, n, nan, nan, nan, nan, nan, nan)
+    dm_s, dd_s, m0_s, s_s, a_s, aa_s, rad_s, tan_s = (v / k for v in sums)
+    return Measurement(dm_s, dd_s, n, n - k, m0_s, s_s, a_s, aa_s, rad_s, tan_s)
+
+
+def _vector_sums(ch: VectorChanges) -> list[float]:
+    """torch's form of ``kernels.vector_sums`` (GPUs, no numba): one device sync."""
+    vm = ch.valid
     m0, dm, dd = (t[vm].to(torch.float64) for t in (ch.m0, ch.dm, ch.dd))
     nt = m0 + dm
     tangential = nt * dd
@@ -148,10 +158,9 @@ def summarize(ch: VectorChanges) -> Measurement:
     size = torch.sqrt(dm * dm + 2.0 * m0 * nt * dd)  # ||δ||
     align = torch.where(size > 0, radial / torch.where(size > 0, size, 1.0), 0.0).clamp(-1.0, 1.0)
     sign = torch.sign(dm)
-    sums = torch.stack([dm.abs().sum(), dd.sum(), m0.sum(), (size / m0).sum(), align.sum(),
-                        align.abs().sum(), (sign * radial).sum(), (sign * tangential).sum()])
-    dm_s, dd_s, m0_s, s_s, a_s, aa_s, rad_s, tan_s = (v / k for v in sums.tolist())
-    return Measurement(dm_s, dd_s, n, n - k, m0_s, s_s, a_s, aa_s, rad_s, tan_s)
+    return torch.stack([vm.sum().to(torch.float64), dm.abs().sum(), dd.sum(), m0.sum(), (size / m0).sum(),
+                        align.sum(), align.abs().sum(), (sign * radial).sum(),
+                        (sign * tangential).sum()]).tolist()
 
 
 def measure(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out",

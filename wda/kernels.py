@@ -136,6 +136,15 @@ def closed_form(ud: torch.Tensor, dd2: torch.Tensor, n0: torch.Tensor, ok: torch
     return not flags.any()
 
 
+def vector_sums(m0: torch.Tensor, dm: torch.Tensor, dd: torch.Tensor, valid: torch.Tensor) -> list[float]:
+    """The sums behind ``wda.decompose.summarize`` over the valid vectors, in float64, in one
+    pass: [count, Σ|Δm|, ΣΔD, Σ|u|, Σ‖δ‖/|u|, Σ cos(δ, u), Σ|cos(δ, u)|, Σ sign(Δm)·radial,
+    Σ sign(Δm)·tangential] (formulas in ``summarize``)."""
+    out = np.zeros(9)
+    _vector_sums(m0.numpy(), dm.numpy(), dd.numpy(), valid.numpy(), out)
+    return out.tolist()
+
+
 def widen(u: torch.Tensor, out: torch.Tensor) -> None:
     """out[:] = u in the (float32/64) dtype of ``out``: rows of the same shape, exact."""
     if u.shape != out.shape or not out.is_contiguous():
@@ -364,3 +373,26 @@ if numba is not None:
         cols = u.shape[1]
         for c in numba.prange(chunks):
             _col_norms(u, out, cols * c // chunks, cols * (c + 1) // chunks)
+
+    @numba.njit(nogil=True, cache=True)
+    def _vector_sums(m0, dm, dd, valid, out):
+        for n in range(m0.shape[0]):
+            if not valid[n]:
+                continue
+            u = np.float64(m0[n])
+            d = np.float64(dm[n])
+            c = np.float64(dd[n])
+            tangential = (u + d) * c
+            radial = d - tangential
+            size = np.sqrt(d * d + 2.0 * u * (u + d) * c)
+            align = min(1.0, max(-1.0, radial / size)) if size > 0 else 0.0
+            sign = 1.0 if d > 0 else (-1.0 if d < 0 else 0.0)
+            out[0] += 1.0
+            out[1] += abs(d)
+            out[2] += c
+            out[3] += u
+            out[4] += size / u
+            out[5] += align
+            out[6] += abs(align)
+            out[7] += sign * radial
+            out[8] += sign * tangential

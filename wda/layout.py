@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wda.formats import METHOD_ORDER, Checkpoint, TensorInfo, open_checkpoint
+from wda.formats import METHOD_ORDER, Checkpoint, TensorInfo, formats, open_checkpoint
 from wda.formats.base import CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, MODEL_CONFIG
 from wda.errors import WdaError
 from wda.formats import fused_qkv
@@ -204,6 +204,9 @@ def _gather_runs(ckpt_dir: str | Path | None, given: Sequence[tuple[str, str | P
             base_dir = root / "base"
             exclude = {base_dir} | ({Path(base)} if base is not None and present(Path(base)) else set())
             runs, notes, problems = _find_runs(root, exclude)
+            if not runs and not problems and any(f.detect(root) for f in formats()):
+                runs = [_final_save(root)]  # trainer.save_model() without checkpoint-<step>/
+                notes = []
     for name, path in given:
         steps, bad = _given_run(name, Path(path))
         if name in {r[0] for r in runs}:
@@ -216,6 +219,20 @@ def _gather_runs(ckpt_dir: str | Path | None, given: Sequence[tuple[str, str | P
             raise WdaError(None, "nothing to analyse", "give CKPT_DIR or --run NAME=PATH")
         root = Path(os.path.commonpath([str(p.resolve()) for _, p, _ in runs]))
     return root, base_dir, runs, notes, problems
+
+
+def _final_save(root: Path) -> RawRun:
+    """CKPT_DIR holds one checkpoint's weights itself (a Trainer ``output_dir`` after
+    ``save_model()``, no ``checkpoint-<step>/``): one run of one step, the step from the
+    ``global_step`` of the trainer_state.json ``save_state()`` writes beside it."""
+    state = read_state(root)
+    step = (state or {}).get("global_step")
+    if not (isinstance(step, int) and not isinstance(step, bool)):
+        raise WdaError(root, f"holds the weights of one checkpoint but no step (no {CHECKPOINT_PREFIX}<step>/ "
+                             f"folders, no global_step in a trainer_state.json)",
+                       f"give it with --run NAME=PATH after renaming it {CHECKPOINT_PREFIX}<step>, "
+                       "or save the trainer state beside it with trainer.save_state()")
+    return root.resolve().name, root, {step: root}
 
 
 _BASE_HINT = "put the pretrained model in CKPT_DIR/base/, or pass --base PATH or --base org/name[@revision] " \

@@ -204,6 +204,50 @@ def _per_step_section(fits: pd.DataFrame, per_step: pd.DataFrame | None) -> str:
         table(["step", *columns], pivot, [True] * (len(columns) + 1)), ""])
 
 
+def _drivers_section(drivers: pd.DataFrame | None, per_step: pd.DataFrame | None) -> str:
+    head = ["## What drives the correlation", "",
+            "Every point is a function of its vectors' base norm ‖u‖, relative update size "
+            "s = ‖δ‖/‖u‖ and alignment a = cos(δ, u) (metrics.csv: `m0_mean`, `s_mean`, "
+            "`align_mean`, `align_abs_mean`). Two exact splits of each Pearson r "
+            "(`wda/attribution.py`; drivers.csv, drivers_per_step.csv):", "",
+            "- **size + alignment + base norm = r**: each point is mapped to its effective layer "
+            "(the one (s, a) that a layer of identical vectors of norm `m0_mean` needs to sit "
+            "exactly at the point), and the covariance of the points is shared among the three "
+            "factors by Shapley values (factors held still at their median over the run). A "
+            "factor that does not vary gets 0; a positive part pushes r up;",
+            "- **radial + tangential = r**: ΔM = `delta_m_radial` (first order, u·δ/‖u‖) + "
+            "`delta_m_tangential` (second order, ‖v‖·ΔD ≈ ‖δ⊥‖²/2‖u‖). The tangential part rises "
+            "with ΔD by construction: a negative r needs a radial part that falls as ΔD rises.",
+            ""]
+    if drivers is None or drivers.empty:
+        return "\n".join(head + ["Not computed (the metrics lack the diagnostic columns).", ""])
+    rows = [(f.run, f.matrix, f.n, fmt_r(f.pearson_r, f.note), fmt(f.r_size, "+.2f"),
+             fmt(f.r_alignment, "+.2f"), fmt(f.r_base_norm, "+.2f"), fmt(f.r_radial, "+.2f"),
+             fmt(f.r_tangential, "+.2f"), fmt(f.s_eff_median, ".2g"), fmt(f.s_eff_cv, ".2f"),
+             fmt(f.a_eff_median, "+.2f"), fmt(f.a_eff_sd, ".2f"))
+            for f in drivers.itertuples()]
+    out = head + [
+        "Pooled over layers and steps (s and a: median and spread of the effective layers, "
+        "CV = sd/mean):", "",
+        table(["run", "matrix", "n", "r", "size", "alignment", "base norm", "radial",
+               "tangential", "s", "CV of s", "a", "sd of a"], rows,
+              [False, False] + [True] * 11), ""]
+    if per_step is not None and not per_step.empty:
+        summary = []
+        for f in drivers.itertuples():
+            ps = per_step[(per_step["run"] == f.run) & (per_step["matrix"] == f.matrix)]
+            ok = ps[np.isfinite(ps["pearson_r"].to_numpy(dtype=float))]
+            med = {c: fmt(ok[c].median(), "+.2f") if len(ok) else NA
+                   for c in ("pearson_r", "r_size", "r_alignment", "r_base_norm", "r_radial")}
+            summary.append((f.run, f.matrix, len(ok), len(ps), med["pearson_r"], med["r_size"],
+                            med["r_alignment"], med["r_base_norm"], med["r_radial"]))
+        out += ["Across layers within each step (medians over the steps whose r is defined; "
+                "every step in drivers_per_step.csv):", "",
+                table(["run", "matrix", "defined steps", "steps", "r", "size", "alignment",
+                       "base norm", "radial"], summary, [False, False] + [True] * 7), ""]
+    return "\n".join(out)
+
+
 def _figures_section(figures: Mapping[str, str]) -> str:
     out = ["## Figures", ""]
     if not figures:
@@ -231,11 +275,13 @@ def _reproduce_section(manifest: Mapping) -> str:
 
 def render_report(metrics: pd.DataFrame, fits: pd.DataFrame,
                   fits_per_step: pd.DataFrame | None, manifest: Mapping,
-                  figures: Mapping[str, str]) -> str:
+                  figures: Mapping[str, str], drivers: pd.DataFrame | None = None,
+                  drivers_per_step: pd.DataFrame | None = None) -> str:
     """The markdown of report.md (GitHub flavour); writes nothing.
 
     ``fits`` / ``fits_per_step`` are ``wda.fit.fit_groups`` / ``fit_per_step`` output;
-    ``figures`` maps a title to a file name relative to report.md.
+    ``figures`` maps a title to a file name relative to report.md; ``drivers`` /
+    ``drivers_per_step`` are ``wda.attribution.drivers`` output (pooled, per step).
     """
     name = manifest.get("ckpt_dir") or "checkpoints"
     intro = (f"# Weight-decomposition analysis: `{name}`\n\n"
@@ -243,5 +289,5 @@ def render_report(metrics: pd.DataFrame, fits: pd.DataFrame,
              "weights, per layer and training step, after Liu et al., DoRA (Sec. 3.2, Fig. 2).\n")
     parts = [intro, _inputs_section(metrics, manifest), _fits_section(fits),
              _paper_section(fits), _per_step_section(fits, fits_per_step),
-             _figures_section(figures), _reproduce_section(manifest)]
+             _drivers_section(drivers, drivers_per_step), _figures_section(figures), _reproduce_section(manifest)]
     return "\n".join(parts).rstrip() + "\n"

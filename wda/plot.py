@@ -204,3 +204,45 @@ def trajectories(metrics: pd.DataFrame, matrix: str,
         what = "training step" if x == "step" else _X_LABELS.get(x, x) + " logged nearest each checkpoint"
         fig.suptitle(f"{matrix}: change against {what}", fontsize=8)
     return fig
+
+
+_DRIVER_COLORS = {"size": "#4C72B0", "alignment": "#DD8452", "base_norm": "#55A868",
+                  "radial": "#8172B3", "tangential": "#937860"}
+_DRIVER_LABELS = {"size": "update size", "alignment": "alignment", "base_norm": "base norm",
+                  "radial": "radial ΔM", "tangential": "tangential ΔM"}
+
+
+def drivers_figure(drivers: pd.DataFrame, matrix: str) -> Figure:
+    """What drives r, per run of one matrix kind (``wda.attribution.drivers`` output): left,
+    r split into update size, alignment and base norm; right, into ΔM's radial and tangential
+    parts. Bars of one run add up to its r (the black dot)."""
+    sub = drivers[drivers["matrix"] == matrix]
+    runs = list(dict.fromkeys(sub["run"]))
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(6.2, 0.5 + 0.32 * max(len(runs), 1) + 0.9), layout="constrained")
+        axes = fig.subplots(1, 2, sharey=True)
+        y = np.arange(len(runs))[::-1]
+        for ax, parts, title in ((axes[0], ("size", "alignment", "base_norm"), "r = size + alignment + base norm"),
+                                 (axes[1], ("radial", "tangential"), "r = radial + tangential")):
+            for i, run in enumerate(runs):
+                f = sub[sub["run"] == run].iloc[0]
+                pos = neg = 0.0
+                for part in parts:
+                    v = float(f[f"r_{part}"])
+                    if not math.isfinite(v):
+                        continue
+                    left = pos if v >= 0 else neg
+                    ax.barh(y[i], v, left=left, height=0.6, color=_DRIVER_COLORS[part],
+                            label=_DRIVER_LABELS[part] if i == 0 else None)
+                    pos, neg = (pos + v, neg) if v >= 0 else (pos, neg + v)
+                if math.isfinite(float(f["pearson_r"])):
+                    ax.plot(float(f["pearson_r"]), y[i], "o", color="black", markersize=3.5,
+                            label="r" if i == 0 else None)
+            ax.axvline(0.0, color="0.5", lw=0.6)
+            ax.set_title(title)
+            ax.set_xlabel("part of Pearson r(ΔD, ΔM)")
+            ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.12), ncol=4, frameon=False,
+                      handlelength=1.0, columnspacing=0.8)
+        axes[0].set_yticks(y, [f"{r} ({m})" for r, m in zip(runs, sub["method"])])
+        fig.suptitle(f"{matrix}: what drives the correlation", fontsize=8)
+    return fig

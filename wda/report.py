@@ -151,6 +151,7 @@ def _manifest(result, args, timings: dict[str, float], figures: list[str]) -> di
 
 def _render(result, args, out_tmp: Path, t_start: float) -> None:
     """Fit, plot and write everything into ``out_tmp``."""
+    from wda.attribution import drivers
     from wda.fit import fit_groups, fit_per_step
     from wda.markdown import render_report
 
@@ -159,27 +160,32 @@ def _render(result, args, out_tmp: Path, t_start: float) -> None:
     t = time.perf_counter()
     fits = fit_groups(metrics, n_boot=args.bootstrap, seed=args.seed)
     per_step = fit_per_step(metrics, n_boot=args.bootstrap, seed=args.seed)
+    why = drivers(metrics)
+    why_step = drivers(metrics, by=("run", "method", "matrix", "step"))
     timings["fits"] = time.perf_counter() - t
     metrics.to_csv(out_tmp / "metrics.csv", index=False)
     fits.to_csv(out_tmp / "fits.csv", index=False)
     per_step.to_csv(out_tmp / "fits_per_step.csv", index=False)
+    why.to_csv(out_tmp / "drivers.csv", index=False)
+    why_step.to_csv(out_tmp / "drivers_per_step.csv", index=False)
 
     t = time.perf_counter()
     figures: dict[str, str] = {}
     if not args.no_figures:
-        figures = _write_figures(metrics, fits, out_tmp)
+        figures = _write_figures(metrics, fits, why, out_tmp)
     timings["figures"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t_start
     manifest = _manifest(result, args, timings, sorted(figures.values()))
-    (out_tmp / "report.md").write_text(render_report(metrics, fits, per_step, manifest, figures))
+    (out_tmp / "report.md").write_text(render_report(metrics, fits, per_step, manifest, figures,
+                                                              why, why_step))
     (out_tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _write_figures(metrics, fits, out: Path) -> dict[str, str]:
+def _write_figures(metrics, fits, why, out: Path) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
-    from wda.plot import figure2, trajectories
+    from wda.plot import drivers_figure, figure2, trajectories
 
     figures: dict[str, str] = {}
     paper_fig = {"q_proj": "Figure 2", "query": "Figure 2", "q": "Figure 2",
@@ -200,6 +206,11 @@ def _write_figures(metrics, fits, out: Path) -> dict[str, str]:
             fig = trajectories(metrics, matrix=matrix, x="train_loss")
             fig.savefig(out / f"loss_{matrix}.png", dpi=150, metadata={"Software": None}, bbox_inches="tight")
             figures[f"{matrix}: ΔM and ΔD against the training loss, per layer"] = f"loss_{matrix}.png"
+        if not why.empty:
+            fig = drivers_figure(why, matrix=matrix)
+            fig.savefig(out / f"drivers_{matrix}.png", dpi=150, metadata={"Software": None},
+                        bbox_inches="tight")
+            figures[f"{matrix}: what drives the correlation, per run"] = f"drivers_{matrix}.png"
     return figures
 
 
