@@ -132,6 +132,8 @@ def test_sharded_bin_bf16_and_base_option(tmp_path):
 
 
 def test_gpt2_conv1d_full_and_fan_in_fan_out_adapters(tmp_path):
+    """c_attn measured whole (``split_fused=False``, the CLI's --no-split); the q/k/v split
+    is tested in test_fused_qkv.py."""
     model = tiny_gpt2()
     save_full(model, tmp_path / "base")
     base_sd = {k: v.clone() for k, v in model.state_dict().items()}
@@ -139,7 +141,7 @@ def test_gpt2_conv1d_full_and_fan_in_fan_out_adapters(tmp_path):
     cfg = dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
     lora = peft_checkpoints(model, tmp_path / "lora", LoraConfig(**cfg))
     dora = peft_checkpoints(model, tmp_path / "dora", LoraConfig(**cfg, use_dora=True))
-    df = wda.analyze(tmp_path, progress=False)
+    df = wda.analyze(tmp_path, progress=False, split_fused=False)
     mods = sorted(k[:-7] for k in base_sd if k.endswith("attn.c_attn.weight"))
     assert set(df.module) == set(mods)
     assert set(df.n_vectors) == {96}  # c_attn stores (in=32, out=96): one vector per output feature
@@ -148,7 +150,7 @@ def test_gpt2_conv1d_full_and_fan_in_fan_out_adapters(tmp_path):
     # without adapters in the directory, config.json (model_type gpt2) tells the layout
     shutil.rmtree(tmp_path / "lora")
     shutil.rmtree(tmp_path / "dora")
-    p = wda.plan(tmp_path)
+    p = wda.plan(tmp_path, split_fused=False)
     assert p.transposed.all() and set(p.out_features) == {96}
 
 

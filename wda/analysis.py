@@ -24,8 +24,9 @@ import torch
 
 from wda.buffers import BufferPool
 from wda.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
+from wda.dora import merge_dora_input_axis
 from wda.errors import WdaError, pythonic_errors
-from wda.formats import HandleCache
+from wda.formats import HandleCache, fused_qkv
 from wda.layout import Layout, ModuleInfo, Run, discover
 from wda.prefetch import prefetched, stage
 from wda.trainer_state import LOG_COLUMNS
@@ -48,6 +49,7 @@ class AnalysisOptions:
     base: str | None = None  # W_0: a folder, a file or a cached hub id; default CKPT_DIR/base
     runs: tuple[tuple[str, str], ...] = ()  # runs given one by one: (name, folder)
     fan_in_fan_out: bool | None = None  # force the (in, out) Conv1D layout on or off
+    split_fused: bool = True  # fused attention projections measured as their q, k, v parts
     skip_broken: bool = False
     progress: bool | None = None  # None: a bar only when stderr is a terminal (tqdm's convention)
     prefetch: int = 2  # matrices read ahead of the one being measured
@@ -70,7 +72,8 @@ class AnalysisOptions:
     def discover(self, ckpt_dir: str | Path | None) -> Layout:
         """What these options analyse in ``ckpt_dir`` (headers only)."""
         return discover(ckpt_dir, base=self.base, modules=list(self.modules or []) or None,
-                        fan_in_fan_out=self.fan_in_fan_out, skip_broken=self.skip_broken, runs=self.runs)
+                        fan_in_fan_out=self.fan_in_fan_out, skip_broken=self.skip_broken, runs=self.runs,
+                        split_fused=self.split_fused)
 
 
 def module_patterns(modules: str | Sequence[str] | None) -> tuple[str, ...] | None:
@@ -219,13 +222,15 @@ class _Loaded:
 def _read_item(item: _Item, cache: HandleCache, alloc) -> _Loaded:
     """The stored tensors of one matrix, read into buffers from ``alloc``."""
     ck = cache.get(item.path)
-    name = item.module.name
+    name = item.module.tensor  # the fused module for q, k, v of a fused projection
     if not ck.is_adapter:
         return _Loaded({"w": ck.read_weight(name, alloc)}, None, ck.weights[name].file, mapped=ck.holds_data)
     # an adapter's own module name: prefixes may differ from the base's by a wrapper
-    info = ck.adapters[item.run.adapter_names[name]]
-    return _Loaded(ck.read_adapter(item.run.adapter_names[name], alloc), info.scaling, info.file,
-                   mapped=ck.holds_data)
+    info = ck.adapters[item.run.adapter_names[item.module.name]]
+    tensors = ck.read_adapter(item.run.adapter_names[item.module.name], alloc)
+    if info.magnitude_axis == "in" and "m" in tensors:
+        tensors["m_in"] = tensors.pop("m")  # one magnitude per input channel
+    return _Loaded(tensors, info.scaling, info.file, mapped=ck.holds_data)
 
 
 def _is_full(item: _Item) -> bool:
@@ -258,7 +263,15 @@ def _pinned(nbytes: int) -> torch.Tensor:
 
 # ---- measuring ---------------------------------------------------------------------------
 def _canonical(w: torch.Tensor, m: ModuleInfo) -> torch.Tensor:
-    return w.t() if m.transposed else w  # Conv1D (in, out) -> (out, in)
+    if w.dim() == 4:  # a conv kernel (out, in, kh, kw): one row per output channel
+        w = w.reshape(w.shape[0], -1)
+    w = w.t() if m.transposed else w  # Conv1D (in, out) -> (out, in)
+    return _part_rows(w, m)
+
+
+def _part_rows(t: torch.Tensor, m: ModuleInfo) -> torch.Tensor:
+    """The rows of q, k or v of a fused projection (all rows of any other module)."""
+    return fused_qkv.select_rows(t, m.part.rows) if m.part is not None else t
 
 
 def _on_device(data: _Loaded, dev: torch.device) -> dict[str, torch.Tensor]:
@@ -281,10 +294,17 @@ def _prepare_base(item: _Item, data: _Loaded, dev: torch.device, dtype: torch.dt
         raise WdaError(data.source, f"non-finite values (NaN/Inf) in base module {item.module.name!r}") from None
 
 
-def _adapter_tensors(data: _Loaded, dev: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _adapter_tensors(data: _Loaded, dev: torch.device, dtype: torch.dtype,
+                     module: ModuleInfo) -> dict[str, torch.Tensor]:
     t = {k: v.to(dtype) for k, v in _on_device(data, dev).items()}
     if "m" in t:
-        t["m"] = t["m"].reshape(-1)  # (out,)
+        t["m"] = _part_rows(t["m"].reshape(-1), module)  # (out,)
+    if "m_in" in t:
+        t["m_in"] = t["m_in"].reshape(-1)  # (in channels,)
+    if "b" in t:
+        # B's rows are the output rows of ΔW = s·B·A (and the DoRA norm is per output row):
+        # the rows of a fused module's part are exactly its merged rows
+        t["b"] = _part_rows(t["b"], module)
     return t
 
 
@@ -295,6 +315,7 @@ class _Measurer:
     def __init__(self, options: AnalysisOptions, dev: torch.device, dtype: torch.dtype) -> None:
         self.options, self.dev, self.dtype = options, dev, dtype
         self.base: BaseWeight | None = None
+        self.w0: torch.Tensor | None = None
         self.rows: list[dict] = []
         self.broken: dict[str, str] = {}  # checkpoint path -> reason (skip_broken)
         self.bytes_read = 0
@@ -310,8 +331,9 @@ class _Measurer:
         self.bytes_read += data.nbytes
         if item.run is None:
             self.flush()
-            self.base = None  # let the previous W_0 go first
+            self.base = self.w0 = None  # let the previous W_0 go first
             self.base = _prepare_base(item, data, self.dev, self.dtype, self.options.axis)
+            self.w0 = _canonical(_on_device(data, self.dev)["w"], item.module)  # for dense merges
         elif data.scaling is not None:
             self._flush_full()
             self._pending.append((item, data))
@@ -349,14 +371,18 @@ class _Measurer:
         if not pending:
             return
         base = self.base
-        tensors = [_adapter_tensors(d, self.dev, self.dtype) for _, d in pending]
+        tensors = [_adapter_tensors(d, self.dev, self.dtype, it.module) for it, d in pending]
         # the ones measured from their factors share one pass over W_0
-        low = [i for i, t in enumerate(tensors) if "a" in t and not ("m" in t and base.dim == 0)]
+        low = [i for i, t in enumerate(tensors)
+               if "a" in t and "m_in" not in t and not ("m" in t and base.dim == 0)]
         proj = dict(zip(low, base.project([(tensors[i]["a"], tensors[i]["b"]) for i in low])))
         for i, ((item, data), t) in enumerate(zip(pending, tensors)):
             s = data.scaling  # this checkpoint's own, for this module
             if "a" not in t:  # magnitude only (paper Table 6): W' = m · W_0 / ||W_0||
                 self._record(item, data, lambda t=t: base.measure_rescaled(t["m"]))
+            elif "m_in" in t:  # magnitudes per input channel: merged densely (one matrix)
+                self._record(item, data, lambda t=t, s=s: base.measure(
+                    merge_dora_input_axis(self.w0.to(self.dtype), t["a"], t["b"], s, t["m_in"])))
             else:
                 self._record(item, data, lambda t=t, s=s, p=proj.get(i): base.measure_lowrank(
                     t["a"], t["b"], s, t.get("m"), projected=p))
@@ -472,15 +498,15 @@ def analyze(ckpt_dir: str | Path | None, modules: str | Sequence[str] | None = N
 
 def plan(ckpt_dir: str | Path | None, modules: str | Sequence[str] | None = None,
          base: str | Path | None = None, fan_in_fan_out: bool | None = None,
-         skip_broken: bool = False, runs=None, steps: int | Sequence[int] | None = None
-         ) -> pd.DataFrame:
+         skip_broken: bool = False, runs=None, steps: int | Sequence[int] | None = None,
+         split_fused: bool = True) -> pd.DataFrame:
     """Dry run (headers only): one row per (run, step, module) that would be measured.
-    ``runs`` and ``steps`` as in ``analyze``."""
+    ``runs`` and ``steps`` as in ``analyze``; ``split_fused=False``: fused q/k/v kept whole."""
     with pythonic_errors():
         given, only = _runs_argument(runs)
         opts = AnalysisOptions(modules=modules, base=str(base) if base is not None else None,
                                fan_in_fan_out=fan_in_fan_out, skip_broken=skip_broken,
-                               runs=given, only_runs=only, only_steps=steps)
+                               runs=given, only_runs=only, only_steps=steps, split_fused=split_fused)
         layout = discover_selected(ckpt_dir, opts)
     cols = ("run", "method", "step", "module", "layer", "matrix", "out_features", "in_features",
             "transposed", "path")

@@ -91,6 +91,18 @@ def merge_dora(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: floa
     return v * magnitude_scale(magnitude, norm).reshape(-1, 1)
 
 
+def merge_dora_input_axis(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                          magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA with one magnitude per *input* channel (LyCORIS ``dora_scale`` of shape (1, in)):
+    W' = V' · m / ||V'||, the norm of each input channel taken over the output rows and, for a
+    conv kernel flattened to (out, in·kh·kw), over its kernel positions too."""
+    v = merge_lora(w0, a, b, scaling)  # (out, in·k)
+    out, n = v.shape
+    per = v.reshape(out, magnitude.numel(), n // magnitude.numel())  # (out, in, k)
+    norm = torch.linalg.vector_norm(per, dim=(0, 2))  # (in,)
+    return (per * magnitude_scale(magnitude.reshape(-1), norm).reshape(1, -1, 1)).reshape(out, n)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for bf16/fp16 weights, float64 stays float64 (DESIGN: compute in >= fp32)."""
     return torch.promote_types(dtype, torch.float32)

@@ -11,7 +11,9 @@ reads headers only; no tensor data is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import re
 from collections import Counter
@@ -20,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wda.formats import METHOD_ORDER, Checkpoint, TensorInfo, formats, open_checkpoint
-from wda.formats.base import CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES
+from wda.formats.base import CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, MODEL_CONFIG
 from wda.formats.peft import ADAPTER_CONFIG
 from wda.errors import WdaError
+from wda.formats import fused_qkv
 from wda.formats.tensors import present
 from wda.hub import cached_snapshot, describe, parse_hub_id
 from wda.names import matches
@@ -49,11 +52,24 @@ class ModuleInfo:
     layer: int  # integer block index (-1 if the name has none)
     matrix: str  # short kind: last name component, e.g. "q_proj"
     stack: str  # the name before the block index, e.g. "model.encoder.layers"
+    # q, k or v of a fused attention projection: ``name`` is then "<fused module>.<kind>",
+    # the tensors are those of the fused module and the part is its rows ``part.rows``
+    part: fused_qkv.FusedPart | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         """Canonical (out, in) shape."""
         return (self.out_features, self.in_features)
+
+    @property
+    def tensor(self) -> str:
+        """The stored module the tensors belong to (the fused one for a q/k/v part)."""
+        return self.part.module if self.part is not None else self.name
+
+    @property
+    def stored_shape(self) -> tuple[int, int]:
+        """Canonical (out, in) shape of the stored module's weight."""
+        return (self.part.fused_out if self.part is not None else self.out_features, self.in_features)
 
 
 @dataclass
@@ -291,8 +307,14 @@ def _train_log(steps: dict[int, Path], states: dict[Path, dict]) -> dict[int, di
 
 
 def _base_modules(base: Checkpoint) -> dict[str, tuple[int, ...]]:
-    """Every 2-D weight of the base: module name (without .weight) -> stored shape."""
-    return {m: t.shape for m, t in base.weights.items() if len(t.shape) == 2}
+    """Every 2-D weight of the base, and every conv kernel (out, in, kh, kw) flattened to
+    (out, in·kh·kw): module name (without .weight) -> stored (2-D) shape."""
+    return {m: flat_shape(t.shape) for m, t in base.weights.items() if len(t.shape) in (2, 4)}
+
+
+def flat_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A conv kernel's shape as the analysis sees it: one row per output channel."""
+    return (shape[0], shape[1] * shape[2] * shape[3]) if len(shape) == 4 else tuple(shape)
 
 
 def _map_adapter_module(amod: str, base_mods: dict, where: Path) -> str:
@@ -311,7 +333,8 @@ def _map_adapter_module(amod: str, base_mods: dict, where: Path) -> str:
 
 def discover(ckpt_dir: str | Path | None, base: str | Path | None = None,
              modules: list[str] | None = None, fan_in_fan_out: bool | None = None,
-             skip_broken: bool = False, runs: Sequence[tuple[str, str | Path]] = ()) -> Layout:
+             skip_broken: bool = False, runs: Sequence[tuple[str, str | Path]] = (),
+             split_fused: bool = True) -> Layout:
     """Find and check everything to analyse (headers only). Raises WdaError on bad input;
     with ``skip_broken`` a broken checkpoint is skipped and listed instead.
 
@@ -319,7 +342,9 @@ def discover(ckpt_dir: str | Path | None, base: str | Path | None = None,
     run (a Trainer ``output_dir`` holding ``checkpoint-<step>/``), or None when every run is
     given in ``runs`` as (name, folder). ``base``: a folder, a weights file or a hub id
     (``org/name[@revision]``, looked up offline in the local Hugging Face cache); default
-    ``CKPT_DIR/base/``, else the ``base_model_name_or_path`` the adapters name."""
+    ``CKPT_DIR/base/``, else the ``base_model_name_or_path`` the adapters name. ``split_fused``:
+    fused attention projections (GPT-2 ``c_attn``, ``query_key_value``, ...) are measured as
+    their q, k, v parts, laid out as the base's config.json says."""
     root, base_dir, raw_runs, notes, problems = _gather_runs(ckpt_dir, runs, base)
     base_path = resolve_base(base, base_dir, root, raw_runs)
     base_ck = open_checkpoint(base_path)
@@ -356,8 +381,10 @@ def discover(ckpt_dir: str | Path | None, base: str | Path | None = None,
         for step, path in steps.items():
             try:
                 ck = open_checkpoint(path)
-                # adapter module names -> base modules (prefixes may differ by a wrapper)
-                names = {amod: _map_adapter_module(amod, base_mods, info.file)
+                # adapter module names -> base modules (prefixes may differ by a wrapper;
+                # formats with names of their own, kohya's, map them by their rule)
+                renamed = ck.match_base(base_mods) if ck.adapters else {}
+                names = {amod: renamed.get(amod) or _map_adapter_module(amod, base_mods, info.file)
                          for amod, info in ck.adapters.items()}
                 state = read_state(path)
                 if state is not None:
@@ -380,9 +407,12 @@ def discover(ckpt_dir: str | Path | None, base: str | Path | None = None,
                 run.adapter_names.setdefault(bmod, amod)
 
     transposed = _transposed_modules(base_ck, runs, opened, base_mods, fan_in_fan_out)
-    infos = _select_modules(base_mods, runs, modules, base_ck, transposed)
+    config = base_ck.config() if split_fused else None  # tells how fused q/k/v are laid out
+    infos = _select_modules(base_mods, runs, modules, base_ck, transposed, config)
+    base_folder = base_ck.path if base_ck.path.is_dir() else base_ck.path.parent
+    infos = _split_fused(infos, config, base_folder / MODEL_CONFIG, modules, runs)
     for m in infos:
-        _check_dtype(base_ck.weights[m.name])
+        _check_dtype(base_ck.weights[m.tensor])
     layout = Layout(root, base_path, runs, infos, skipped, notes)
     _validate(layout, opened, broken)
     layout.runs = sorted([r for r in layout.runs if r.steps], key=_run_order)
@@ -449,13 +479,49 @@ def _transposed_modules(base: Checkpoint, runs: list[Run], opened: dict[Path, Ch
     return out
 
 
+def _matches_module(name: str, pat: str, config: dict | None) -> bool:
+    """``pat`` names this module, or one of its q/k/v parts if it is a fused projection."""
+    if matches(name, pat):
+        return True
+    return fused_qkv.is_fused(config, name) and any(matches(f"{name}.{k}", pat) for k in fused_qkv.PARTS)
+
+
+def _split_fused(infos: list[ModuleInfo], config: dict | None, config_path: Path,
+                 patterns: list[str] | None, runs: list[Run]) -> list[ModuleInfo]:
+    """Fused attention projections replaced by their q, k, v parts (``c_attn`` -> ``c_attn.q``,
+    ``c_attn.k``, ``c_attn.v``): all three when asked for by name or adapted, else (the
+    default query/value choice) q and v. Adapter runs of the fused module measure each part."""
+    out: list[ModuleInfo] = []
+    adapted = {b for r in runs for b in r.adapter_names}
+    for m in infos:
+        try:
+            parts = fused_qkv.fused_parts(config, m.name, m.out_features)
+        except fused_qkv.FusedLayoutError as exc:
+            raise WdaError(config_path, f"cannot split {m.name!r} into q, k, v: {exc}",
+                           "fix config.json, or pass --no-split to measure the fused matrix whole") from None
+        if parts is None:
+            out.append(m)
+            continue
+        if patterns:
+            parts = [p for p in parts if any(matches(m.name, pat) or matches(p.name, pat) for pat in patterns)]
+        elif m.name not in adapted:
+            parts = [p for p in parts if p.kind in ("q", "v")]
+        for p in parts:
+            out.append(dataclasses.replace(m, name=p.name, out_features=len(p.rows),
+                                           matrix=f"{m.matrix}.{p.kind}", part=p))
+            for run in runs:
+                if m.name in run.adapter_names:
+                    run.adapter_names[p.name] = run.adapter_names[m.name]
+    return sorted(out, key=lambda m: (m.matrix, m.stack, m.layer, m.name))
+
+
 def _select_modules(base_mods: dict, runs: list[Run], patterns: list[str] | None,
-                    base: Checkpoint, transposed: set[str]) -> list[ModuleInfo]:
+                    base: Checkpoint, transposed: set[str], config: dict | None = None) -> list[ModuleInfo]:
     names: list[str]
     if patterns:
         names = []
         for pat in patterns:
-            hit = [b for b in base_mods if matches(b, pat)]
+            hit = [b for b in base_mods if _matches_module(b, pat, config)]
             if not hit:
                 raise _no_match(pat, base_mods, base.source)
             names += [h for h in hit if h not in names]
@@ -463,7 +529,8 @@ def _select_modules(base_mods: dict, runs: list[Run], patterns: list[str] | None
         names = sorted({b for r in runs for b in r.adapter_names})
         if not names:
             targets = GPT2_DEFAULT_TARGETS if base.model_type() in CONV1D_MODEL_TYPES else DEFAULT_TARGETS
-            names = [b for b in base_mods if any(b.endswith("." + t) or b == t for t in targets)]
+            names = [b for b in base_mods if any(b.endswith("." + t) or b == t for t in targets)
+                     or fused_qkv.is_fused(config, b)]
         if not names:
             raise WdaError(base.path, "found no attention query/value projections to analyse",
                            "choose modules with --modules")
@@ -533,14 +600,14 @@ def _part(t: TensorInfo, module: str) -> str:
 
 
 def _check_module(ck: Checkpoint, m: ModuleInfo, run: Run) -> None:
-    out_f, in_f = m.shape
+    out_f, in_f = m.stored_shape
     if not ck.is_adapter:
-        t = ck.weights.get(m.name)
+        t = ck.weights.get(m.tensor)
         if t is None:
-            raise WdaError(ck.source, f"module {m.name!r} is missing (it is in the base checkpoint)",
+            raise WdaError(ck.source, f"module {m.tensor!r} is missing (it is in the base checkpoint)",
                            "was this checkpoint saved from another model, or only partly?")
         stored = (in_f, out_f) if m.transposed else (out_f, in_f)
-        if t.shape != stored:
+        if flat_shape(t.shape) != stored:
             raise WdaError(t.file, f"{t.key} has shape {t.shape}, the base has {stored}",
                            "was this checkpoint saved from another model?")
         _check_dtype(t)
@@ -562,7 +629,12 @@ def _check_module(ck: Checkpoint, m: ModuleInfo, run: Run) -> None:
             raise WdaError(where, f"module {amod!r}: {_part(info.a, amod)} {info.a.shape} / {_part(info.b, amod)} "
                                   f"{info.b.shape} do not fit rank {r} from the adapter config and base shape "
                                   f"(out={out_f}, in={in_f})", resave)
-    if info.m is not None and info.m.shape not in ((out_f,), (1, out_f), (out_f, 1)):
+    if info.m is not None and info.magnitude_axis == "in":  # one per input channel (LyCORIS)
+        n = math.prod(info.m.shape)
+        if n == 0 or in_f % n:
+            raise WdaError(where, f"module {amod!r}: {_part(info.m, amod)} has {n} entries, which do not fit "
+                                  f"the {in_f} input features of the base", resave)
+    elif info.m is not None and info.m.shape not in ((out_f,), (1, out_f), (out_f, 1)):
         raise WdaError(where, f"module {amod!r}: {_part(info.m, amod)} has shape {info.m.shape}, "
                               f"expected ({out_f},)", resave)
     for t in (info.a, info.b, info.m):

@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trackers", action="store_true",
                    help="render the rows wda.Tracker wrote during training (CKPT_DIR/<run>/tracker/) "
                         "instead of measuring checkpoints; automatic when CKPT_DIR is a tracker's folder")
+    p.add_argument("--no-split", action="store_true",
+                   help="measure fused attention projections (GPT-2 c_attn, query_key_value, qkv_proj, "
+                        "Wqkv) whole instead of as their q, k, v parts")
     p.add_argument("--skip-broken", action="store_true",
                    help="skip broken checkpoints (listed in the report) instead of stopping")
     p.add_argument("--dry-run", action="store_true",
@@ -103,7 +106,7 @@ def _options(args: argparse.Namespace):
     fifo = {"auto": None, "yes": True, "no": False}[args.fan_in_fan_out]
     return AnalysisOptions(modules=args.modules, axis=args.axis, device=args.device, dtype=args.dtype,
                            base=args.base, fan_in_fan_out=fifo, skip_broken=args.skip_broken,
-                           progress=args.progress, runs=_runs(args),
+                           split_fused=not args.no_split, progress=args.progress, runs=_runs(args),
                            only_runs=getattr(args, "only_runs", None),
                            only_steps=getattr(args, "only_steps", None))
 
@@ -260,7 +263,7 @@ def _write_figures(metrics, fits, why, out: Path, relative_dm: bool = False
                 meta = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
                 fig.savefig(out / f"{stem}.{fmt}", dpi=200, metadata=meta, bbox_inches="tight")
                 files.append(f"{stem}.{fmt}")
-            label = paper_fig.get(matrix, "Figure 2 layout")
+            label = paper_fig.get(matrix.rsplit(".", 1)[-1], "Figure 2 layout")  # c_attn.q: a query
             what = "ΔM / mean ||m_0||" if relative_dm else "ΔM"
             figures[f"{matrix}: {what} against ΔD per run, axis {axis} (paper {label})"] = f"{stem}.png"
             fig = trajectories(sub, matrix=matrix, y=y)

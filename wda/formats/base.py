@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -54,6 +55,9 @@ class AdapterInfo:
     rank: int
     scaling: float
     file: Path  # the file named when something about this module is wrong
+    # "out": ``m`` holds one magnitude per output row (DoRA, PEFT, LyCORIS wd_on_out); "in":
+    # one per input channel, the norm taken over the output rows (older LyCORIS files)
+    magnitude_axis: str = "out"
 
 
 class Checkpoint:
@@ -107,6 +111,12 @@ class Checkpoint:
         parts = [(k, t.key) for k, t in (("a", info.a), ("b", info.b), ("m", info.m)) if t is not None]
         got = self.read_many([key for _, key in parts], alloc)
         return {k: got[key] for k, key in parts}
+
+    def match_base(self, base_modules: Collection[str]) -> dict[str, str]:
+        """For formats whose module names are not the model's own (kohya's
+        ``lora_unet_down_blocks_0_...``): each adapted module's name in the base, found by
+        applying the format's naming rule to ``base_modules``. Empty: the names are the model's."""
+        return {}
 
     def check_module(self, module: str) -> None:
         """Format-specific checks of one adapted module against its own config (headers only),

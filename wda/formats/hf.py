@@ -1,6 +1,7 @@
 """Hugging Face full weights: ``model.safetensors``, sharded ``model-0000i-of-0000N.safetensors``
 + ``model.safetensors.index.json``, ``pytorch_model.bin`` (+ its index), or one such file given
-directly (``--base path/to/model.safetensors``)."""
+directly (``--base path/to/model.safetensors``); a diffusers model folder
+(``diffusion_pytorch_model.safetensors``, e.g. a pipeline's ``unet/``)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,12 @@ FULL_SAFETENSORS = "model.safetensors"
 FULL_SAFETENSORS_INDEX = "model.safetensors.index.json"
 FULL_BIN = "pytorch_model.bin"
 FULL_BIN_INDEX = "pytorch_model.bin.index.json"
+# a diffusers model folder (unet/, text_encoder/ of a pipeline)
+DIFFUSERS_SAFETENSORS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_SAFETENSORS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 # in the order they are looked for; an index wins over a single file beside it
-NAMES = (FULL_SAFETENSORS_INDEX, FULL_SAFETENSORS, FULL_BIN_INDEX, FULL_BIN)
+NAMES = (FULL_SAFETENSORS_INDEX, FULL_SAFETENSORS, FULL_BIN_INDEX, FULL_BIN,
+         DIFFUSERS_SAFETENSORS_INDEX, DIFFUSERS_SAFETENSORS)
 FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 

@@ -51,7 +51,8 @@ class AdapterConfig:
         raw = read_json(path)
         peft_type = raw.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
-            raise WdaError(path, f"peft_type {peft_type!r} is not supported (only LORA, with or without use_dora)",
+            raise WdaError(path, f"peft_type {peft_type!r} is not supported (only LORA, with or without use_dora, "
+                                 f"and the DoRA reference code's DORA)",
                            "move this run out of CKPT_DIR")
         for key in ("r", "lora_alpha"):
             if key not in raw:

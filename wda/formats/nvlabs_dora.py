@@ -1,0 +1,174 @@
+"""The DoRA paper's own checkpoints (NVlabs/DoRA's fork of PEFT): ``adapter_config.json`` with
+``peft_type: "DORA"`` + ``adapter_model.bin`` (or ``.safetensors``), and the LLaVA pipeline's
+``non_lora_trainables.bin`` beside it.
+
+On disk (FORMATS.md §1):
+
+- keys are the PeftModel's names without an adapter name: ``base_model.model.<module>.lora_A.weight``
+  (r, in), ``….lora_B.weight`` (out, r), ``….weight_m_wdecomp.weight`` (out, 1) — the magnitude,
+  an ``nn.Linear(1, out)``. The LLaVA fork keeps ``.default`` in ``non_lora_trainables.bin``
+  (``….weight_m_wdecomp.default.weight``), where its magnitudes can end up; both files are read.
+- ``target_modules`` get DoRA (A, B and a magnitude); ``Wdecompose_target_modules``
+  (``wdecompose_target_modules`` in the LLaVA fork) that are not already targets get a magnitude
+  only. A string is a regular expression the module name must fullmatch, a list a set of name
+  endings (``str.endswith``, no dot boundary).
+- merged weight (Eq. 5): W' = m · V / ‖V‖ per output row, V = W_0 + (lora_alpha / r)·B·A;
+  magnitude only: W' = m · W_0 / ‖W_0‖.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from wda.errors import WdaError
+from wda.formats.base import DORA, AdapterInfo, Checkpoint, TensorInfo
+from wda.formats.peft import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS, PEFT_PREFIX
+from wda.formats.tensors import present, read_json, short_repr
+
+PEFT_TYPE = "DORA"
+NON_LORA_TRAINABLES = "non_lora_trainables.bin"
+# ``_orig_mod.``: a model saved after torch.compile (the commonsense script compiles it)
+KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|weight_m_wdecomp)(?:\.default)?\.weight$")
+_HINT = "fix or re-save adapter_config.json"
+_INCOMPLETE = "the adapter files are incomplete; restore them"
+
+
+def _target_rule(path: Path, key: str, value: Any) -> str | list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise WdaError(path, f"invalid adapter config: {key} {value!r} is not a regular expression ({exc})",
+                           _HINT) from None
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise WdaError(path, f"invalid adapter config: {key} must be a string or a list of strings, not "
+                         f"{short_repr(value)}", _HINT)
+
+
+def targets(rule: str | list[str] | None, module: str) -> bool:
+    """The fork's rule: a string fullmatches the module name, a list's entries end it."""
+    if rule is None:
+        return False
+    if isinstance(rule, str):
+        return re.fullmatch(rule, module) is not None
+    return any(module.endswith(t) for t in rule)
+
+
+def _positive_int(path: Path, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise WdaError(path, f"invalid adapter config: {key} must be a positive integer, not {short_repr(value)}",
+                       _HINT)
+    return value
+
+
+def _number(path: Path, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise WdaError(path, f"invalid adapter config: {key} must be a finite number, not {short_repr(value)}",
+                       "the DoRA code scales B·A by lora_alpha / r; " + _HINT)
+    return float(value)
+
+
+def _module_name(key: str) -> tuple[str, str] | None:
+    """(module, part) of a key, prefixes of the wrappers (PeftModel, torch.compile) removed."""
+    key = key.replace("_orig_mod.", "")
+    key = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    m = KEY_RE.match(key)
+    return (m["module"], m["part"]) if m else None
+
+
+def is_nvlabs_config(path: Path) -> bool:
+    """``adapter_config.json`` at ``path`` says ``peft_type: "DORA"`` (unreadable: not ours)."""
+    try:
+        raw = read_json(path)
+    except WdaError:
+        return False
+    return str(raw.get("peft_type", "")).upper() == PEFT_TYPE
+
+
+class NvlabsDora(Checkpoint):
+    format = "DoRA reference code (NVlabs)"
+    priority = 10  # before PEFT adapters: both have adapter_config.json
+    expects = f"{ADAPTER_CONFIG} (peft_type DORA) + {ADAPTER_BIN}"
+
+    @classmethod
+    def detect(cls, path: Path) -> bool:
+        return path.is_dir() and present(path / ADAPTER_CONFIG) and is_nvlabs_config(path / ADAPTER_CONFIG)
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        cfg_path = self.method_file = path / ADAPTER_CONFIG
+        raw = read_json(cfg_path)
+        for key in ("r", "lora_alpha"):
+            if key not in raw:
+                raise WdaError(cfg_path, f"incomplete adapter config: {key!r} is missing", _HINT)
+        self.r = _positive_int(cfg_path, "r", raw["r"])
+        self.scaling = _number(cfg_path, "lora_alpha", raw["lora_alpha"]) / self.r
+        if raw.get("fan_in_fan_out"):
+            raise WdaError(cfg_path, "fan_in_fan_out is not supported yet for the DoRA reference code's format",
+                           "analyse this run with --modules naming nn.Linear modules only, or convert it to PEFT")
+        self.target = _target_rule(cfg_path, "target_modules", raw.get("target_modules"))
+        wd_key = next((k for k in ("Wdecompose_target_modules", "wdecompose_target_modules") if k in raw),
+                      "Wdecompose_target_modules")
+        self.magnitude_only = _target_rule(cfg_path, wd_key, raw.get(wd_key))
+        base = raw.get("base_model_name_or_path")
+        self.base_model = base.strip() if isinstance(base, str) and base.strip() else None
+        self.method = DORA
+
+        extra = path / NON_LORA_TRAINABLES
+        if present(extra):
+            self._add_file(extra)
+        for name in (ADAPTER_SAFETENSORS, ADAPTER_BIN):
+            if present(path / name):
+                weights = path / name
+                break
+        else:
+            raise WdaError(path, f"{ADAPTER_CONFIG} (peft_type DORA) found but no {ADAPTER_BIN} or "
+                                 f"{ADAPTER_SAFETENSORS}", "restore the adapter weights or remove this checkpoint")
+        self._add_file(weights)  # last: the file named in errors
+        self.adapters = self._index(weights, extra if present(extra) else None)
+
+    def _index(self, weights: Path, extra: Path | None) -> dict[str, AdapterInfo]:
+        parts: dict[str, dict[str, TensorInfo]] = {}
+        for key, tf in self._tensors.items():
+            hit = _module_name(key)
+            if hit is None:
+                continue
+            module, part = hit
+            have = parts.setdefault(module, {})
+            # the adapter file's copy wins over non_lora_trainables.bin's (it is loaded last)
+            if part not in have or tf.path == weights:
+                have[part] = self.info(key)
+        if not parts:
+            where = f"{weights.name}" + (f" or {extra.name}" if extra else "")
+            raise WdaError(weights, f"holds no lora_A / lora_B / weight_m_wdecomp tensors (looked in {where})",
+                           "is this a DoRA checkpoint of the reference code?")
+        return {mod: AdapterInfo(d.get("lora_A"), d.get("lora_B"), d.get("weight_m_wdecomp"), self.r,
+                                 self.scaling, weights) for mod, d in sorted(parts.items())}
+
+    def check_module(self, module: str) -> None:
+        info, where = self.adapters[module], self.source
+        if info.m is None:
+            looked = NON_LORA_TRAINABLES if present(self.path / NON_LORA_TRAINABLES) else f"no {NON_LORA_TRAINABLES}"
+            raise WdaError(where, f"module {module!r} has no magnitude weight_m_wdecomp.weight (looked here and in "
+                                  f"{looked})", _INCOMPLETE)
+        if not (len(info.m.shape) == 1 or len(info.m.shape) == 2 and info.m.shape[1] == 1):
+            raise WdaError(where, f"module {module!r}: weight_m_wdecomp.weight has shape {info.m.shape}, "
+                                  f"expected (out, 1)", _INCOMPLETE)
+        adapted = targets(self.target, module)
+        if info.a is None and adapted:
+            raise WdaError(where, f"module {module!r} is in target_modules but has no lora_A / lora_B", _INCOMPLETE)
+        if info.a is None and not targets(self.magnitude_only, module):
+            raise WdaError(where, f"module {module!r} has only a magnitude but Wdecompose_target_modules does not "
+                                  f"name it", "the adapter files and adapter_config.json do not belong together")
+        if info.a is not None and not adapted:
+            raise WdaError(where, f"module {module!r} has lora_A / lora_B but target_modules does not name it",
+                           "the adapter files and adapter_config.json do not belong together")
+
+
+FORMAT = NvlabsDora
