@@ -170,7 +170,7 @@ def reproduce_commands(root: Path, argv: tuple[str, ...] | list[str], out: Path,
     top = _git_top(_abs(Path.cwd()))
     if top is not None and top not in _abs(root).parents:
         top = None  # the data is not in this checkout: absolute paths
-    lines = [f'cd "$(git rev-parse --show-toplevel)"  # paths below are relative to the '
+    lines = ['cd "$(git rev-parse --show-toplevel)"  # paths below are relative to the '
              "repository root"] if top is not None else []
     train = train_command(root, top)
     if train:
