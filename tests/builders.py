@@ -186,3 +186,21 @@ def hub_cached(model, cache: Path, repo_id: str, sha: str = "0123456789abcdef012
     for ref in refs:
         (repo / "refs" / ref).write_text(sha)
     return snap
+
+
+def one_line_error(rc: int, err: str, *words: str) -> str:
+    """A CLI failure as the project promises it: exit status 2 and one line on stderr (no
+    traceback) holding every one of ``words``. Returns the line."""
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], f"{w!r} missing from: {lines[0]}"
+    return lines[0]
+
+
+def dry_run_error(capsys, d: Path, *words: str) -> str:
+    """``wda.report D --dry-run`` fails with ``one_line_error``."""
+    from wda.report import main
+
+    rc = main([str(d), "--dry-run"])
+    return one_line_error(rc, capsys.readouterr().err, *words)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import wda
-from builders import perturb_, plain_reference, tiny_llama
+from builders import one_line_error, perturb_, plain_reference, tiny_llama
 from wda.errors import WdaError
 from wda.formats import formats, open_checkpoint
 from wda.formats.base import Checkpoint
@@ -23,14 +23,6 @@ from wda.report import main
 def cli(capsys, *args: str) -> tuple[int, str]:
     rc = main([*args, "--no-progress", "--no-figures", "--bootstrap", "20"])
     return rc, capsys.readouterr().err
-
-
-def one_line_error(rc: int, err: str, *words: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], f"{w!r} missing from: {lines[0]}"
-    return lines[0]
 
 
 def test_every_module_with_FORMAT_is_a_format_in_priority_order():

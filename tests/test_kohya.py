@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import wda
-from builders import plain_reference
+from builders import dry_run_error, plain_reference
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -193,18 +193,6 @@ def test_original_sd_naming_of_the_base(tmp_path):
         assert row.delta_d.iloc[0] == pytest.approx(dd, rel=1e-4)
 
 
-def _one_line(capsys, d: Path, *words):
-    from wda.report import main
-
-    rc = main([str(d), "--dry-run"])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
 def _rewrite(path: Path, fn) -> None:
     from safetensors.torch import load_file
 
@@ -243,4 +231,4 @@ def test_bad_variants_one_line(unet_dir, tmp_path, capsys, case):
     else:
         _rewrite(f, lambda sd: sd.pop(f"{Q}.lora_up.weight"))
         words = [f.name, Q, "lora_up.weight"]
-    _one_line(capsys, d, *words)
+    dry_run_error(capsys, d, *words)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import wda
-from builders import Q_V, hub_cached, plain_reference, tiny_llama, trainer_run
+from builders import Q_V, hub_cached, one_line_error, plain_reference, tiny_llama, trainer_run
 from wda.report import main
 from wda.trainer_state import logged_near
 
@@ -76,14 +76,6 @@ def qv(base_sd) -> set[str]:
 def cli(capsys, *args: str) -> tuple[int, str]:
     rc = main([*args, "--no-figures", "--bootstrap", "20"])
     return rc, capsys.readouterr().err
-
-
-def one_line_error(rc: int, err: str, *words: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], f"{w!r} missing from: {lines[0]}"
-    return lines[0]
 
 
 # ---- a Trainer output_dir is one run ---------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import wda
-from builders import plain_reference, save_full, tiny_llama
+from builders import dry_run_error, plain_reference, save_full, tiny_llama
 
 R, ALPHA = 4, 8
 
@@ -113,19 +113,6 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _one_line(capsys, d: Path, *words):
-    """``wda.report --dry-run`` ends in exit 2 with one line on stderr holding ``words``."""
-    from wda.report import main
-
-    rc = main([str(d), "--dry-run"])
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in lines[0], lines[0]
-
-
 def _edit_bin(path: Path, fn) -> None:
     sd = torch.load(path, weights_only=True)
     fn(sd)
@@ -170,7 +157,7 @@ def test_bad_variants_one_line(nvlabs_dir, tmp_path, capsys, case):
         ck = d / "llava" / "checkpoint-10"
         (ck / "non_lora_trainables.bin").unlink()
         words = ["adapter_model.bin", "weight_m_wdecomp", "non_lora_trainables.bin"]
-    _one_line(capsys, d, *words)
+    dry_run_error(capsys, d, *words)
 
 
 def test_target_rules():
