@@ -11,7 +11,7 @@ subprocess (so peak memory is the analysis' own), interleaved over ``--repeats``
 
 1. floor      reading exactly the analysed tensors (byte ranges from the safetensors
               headers, ``os.preadv`` into one reused buffer): no compute, no library;
-2. wda        ``wda.analysis.run_analysis`` on the same directory (CPU, and CUDA if present);
+2. wda        ``wda.analysis.engine.run_analysis`` on the same directory (CPU, and CUDA if present);
 3. naive      a straightforward peer: ``safetensors.torch.load_file`` per checkpoint, merge
               adapters with plain torch, then norms and ``cosine_similarity`` per matrix.
 
@@ -279,7 +279,7 @@ def worker_floor(root: Path, layers: int | None, device: str, out_csv: str | Non
 
 def worker_wda(root: Path, layers: int | None, device: str, out_csv: str | None, axis: str = "out") -> dict:
     import tqdm.auto  # noqa: F401  (imported by the analysis; not part of its memory)
-    from wda.analysis import AnalysisOptions, run_analysis
+    from wda.analysis.engine import AnalysisOptions, run_analysis
 
     opts = AnalysisOptions(modules=tuple(_module_filter(layers) or ()) or None, device=device, axis=axis,
                            progress=False)
@@ -718,7 +718,7 @@ def _machine_line(threads: list[int], devices: list[str]) -> str:
                 break
     except OSError:
         pass
-    from wda import kernels
+    from wda.analysis import kernels
 
     gpu = f", GPU {torch.cuda.get_device_name()}" if "cuda" in devices else ", no GPU"
     numba = f"numba {kernels.numba.__version__}" if kernels.available() else "no CPU kernels"

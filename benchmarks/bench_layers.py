@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wda.dora import DoRALinear, LoRALinear
+from wda.train.dora import DoRALinear, LoRALinear
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ Tables:
 2. **Bytes, not tensors**: FT sets of (nearly) the same bytes, 640 MiB, as 4 checkpoints of
    two 4096² layers, made of ever more, ever smaller tensors (down to 576 tensors of 768²):
    if the cost is per byte, the time is the same on every row.
-3. **Discovery**: ``wda.layout.discover`` and ``wda.plan`` (headers only) on 500 checkpoints
+3. **Discovery**: ``wda.analysis.layout.discover`` and ``wda.plan`` (headers only) on 500 checkpoints
    x 200 modules of tiny tensors.
 """
 
@@ -135,7 +135,7 @@ def discovery(args) -> list[str]:
     code = (
         "import json, sys, time\n"
         "import wda\n"
-        "from wda.layout import discover\n"
+        "from wda.analysis.layout import discover\n"
         f"root = {str(root)!r}\n"
         "out = {}\n"
         "for label, fn in (('discover, default modules', lambda: discover(root)),\n"

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wda.dora import DoRALinear, LoRALinear
-from wda.tracker import Tracker
+from wda.train.dora import DoRALinear, LoRALinear
+from wda.tracking.tracker import Tracker
 
 
 class Block(nn.Module):

@@ -200,7 +200,7 @@ def one_line_error(rc: int, err: str, *words: str) -> str:
 
 def dry_run_error(capsys, d: Path, *words: str) -> str:
     """``wda.report D --dry-run`` fails with ``one_line_error``."""
-    from wda.report import main
+    from wda.report.cli import main
 
     rc = main([str(d), "--dry-run"])
     return one_line_error(rc, capsys.readouterr().err, *words)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from wda.adapt import (AdapterSpec, adapter_modules, adapter_parameters, add_adapters,
+from wda.train.adapt import (AdapterSpec, adapter_modules, adapter_parameters, add_adapters,
                        load_adapter, matches, merge_adapters, save_adapter)
-from wda.dora import DoRALinear, LoRALinear
+from wda.train.dora import DoRALinear, LoRALinear
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

@@ -12,10 +12,10 @@ import torch
 from peft import LoraConfig
 
 import wda
-import wda.analysis as analysis
+import wda.analysis.engine as analysis
 from builders import Q_V, ft_checkpoints, peft_checkpoints, save_full, tiny_gpt2, tiny_llama
 from wda.formats import open_checkpoint
-from wda.dora import merge_dora
+from wda.train.dora import merge_dora
 
 
 def reference(w0: torch.Tensor, wt: torch.Tensor, dim: int = 1) -> tuple[float, float]:
@@ -191,15 +191,15 @@ def test_streaming_memory_does_not_grow_with_steps(tmp_path, monkeypatch):
 def test_read_buffers_are_reused(tmp_path, monkeypatch):
     """The tensors are read into pooled buffers: for 8 or 20 steps, no more buffers than the
     matrices alive at once (W_0, a batch, the read-ahead, one in hand)."""
-    import wda.buffers
+    import wda.analysis.buffers
 
     model = tiny_llama(seed=9, layers=2)
     save_full(model, tmp_path / "base")
     ft_checkpoints(model, tmp_path / "ft", steps=tuple(range(1, 21)), scale=0.004)
-    monkeypatch.setattr(wda.buffers, "POOLED_MIN", 0)  # tiny tensors: pool them all
+    monkeypatch.setattr(wda.analysis.buffers, "POOLED_MIN", 0)  # tiny tensors: pool them all
     pools, reads = [], [0]
 
-    class Counted(wda.buffers.BufferPool):
+    class Counted(wda.analysis.buffers.BufferPool):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             pools.append(self)

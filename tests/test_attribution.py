@@ -1,4 +1,4 @@
-"""``wda.attribution``: the closed forms, the effective layer of a point, and the two exact
+"""``wda.report.attribution``: the closed forms, the effective layer of a point, and the two exact
 splits of r on planted inputs with a known answer."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wda.attribution import (FACTORS, attribute, direction_change, drivers, effective_factors,
+from wda.report.attribution import (FACTORS, attribute, direction_change, drivers, effective_factors,
                              relative_magnitude_change, shapley_r)
-from wda.decompose import BaseWeight
+from wda.analysis.decompose import BaseWeight
 
 IN = 24
 
@@ -142,7 +142,7 @@ def test_undefined_groups_and_per_step():
 def test_report_writes_the_attribution(pristine, tmp_path, capsys):
     """drivers.csv: the r of fits.csv, each split summing to it; report.md explains it; the
     drivers figure is drawn per matrix kind."""
-    from wda.report import main
+    from wda.report.cli import main
 
     out = tmp_path / "rep"
     assert main([str(pristine), "--out", str(out), "--no-progress", "--bootstrap", "0"]) == 0

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wda.errors import WdaError
-from wda.report import main
+from wda.report.cli import main
 
 Q0 = "model.layers.0.self_attn.q_proj"
 PEFT = "base_model.model."
@@ -536,16 +536,16 @@ def test_real_process_error_raised_during_analysis(ck):
 def test_file_rewritten_after_discovery_names_the_file(ck, capsys, monkeypatch):
     """Headers are checked first; a file cut short afterwards (a job still saving) is caught
     when the engine reopens it, in the reader thread, and named."""
-    import wda.analysis
+    import wda.analysis.engine
 
-    real = wda.analysis.discover
+    real = wda.analysis.engine.discover
 
     def discover_then_truncate(*a, **kw):
         layout = real(*a, **kw)
         truncate(ft20(ck), 0.5)
         return layout
 
-    monkeypatch.setattr(wda.analysis, "discover", discover_then_truncate)
+    monkeypatch.setattr(wda.analysis.engine, "discover", discover_then_truncate)
     rc, err, out = cli(capsys, ck)
     assert_one_line_error(rc, err, out, ft20(ck), "not a readable safetensors file")
 

@@ -64,7 +64,7 @@ def test_readme_hugging_face_trainer_and_report(tmp_path, monkeypatch, capsys):
     ns = {"model": _peft_model(), "train_dataset": _dataset()}
     exec(snippet("Hugging Face Trainer"), ns)
     check_rows(tmp_path / "runs/hf/tracker/metrics.csv", [10, 20, 30, 40], "LoRA")
-    from wda.report import main
+    from wda.report.cli import main
 
     assert main(["runs/hf/tracker", "--out", "reports/hf", "--no-progress", "--bootstrap", "50", "--no-figures"]) == 0
     assert {"report.md", "fits.csv"} <= {p.name for p in (tmp_path / "reports/hf").iterdir()}
@@ -97,7 +97,7 @@ def test_readme_lightning(tmp_path, monkeypatch):
 def test_the_hugging_face_callback_writes_on_the_main_process_only(tmp_path):
     from types import SimpleNamespace
 
-    from wda.callbacks import WdaCallback
+    from wda.tracking.callbacks import WdaCallback
 
     model = _peft_model()
     for main, out in ((False, tmp_path / "rank1"), (True, tmp_path / "rank0")):
@@ -115,7 +115,7 @@ def test_missing_frameworks_are_one_clear_line_and_wda_imports_without_them():
             "for m in ('transformers', 'peft', 'lightning', 'pytorch_lightning'): sys.modules[m] = None\n"
             "import torch, wda\n"
             "from wda.errors import WdaError\n"
-            "from wda import callbacks\n"
+            "from wda.tracking import callbacks\n"
             "t = wda.Tracker(torch.nn.ModuleDict({'q_proj': torch.nn.Linear(3, 2)}), every=1, out=sys.argv[1])\n"
             "t.step(1)\n"
             "for name in ('WdaCallback', 'WdaLightningCallback'):\n"
@@ -130,5 +130,5 @@ def test_missing_frameworks_are_one_clear_line_and_wda_imports_without_them():
                            timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(README.parent)})
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.splitlines() == [
-        "wda.callbacks.WdaCallback needs transformers (pip install transformers)",
-        "wda.callbacks.WdaLightningCallback needs PyTorch Lightning (pip install lightning)"]
+        "wda.tracking.callbacks.WdaCallback needs transformers (pip install transformers)",
+        "wda.tracking.callbacks.WdaLightningCallback needs PyTorch Lightning (pip install lightning)"]

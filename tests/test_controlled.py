@@ -1,4 +1,4 @@
-"""wda.controlled: the planted changes are what they claim (closed forms, float64), the
+"""wda.train.controlled: the planted changes are what they claim (closed forms, float64), the
 distillation objective, and a tiny end-to-end run that ``wda.analyze`` reads.
 
 The sign test itself (FT/DoRA < 0, LoRA > 0 over seeds) is in tests/test_learning_pattern.py.
@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wda import controlled as C
-from wda.decompose import measure, vector_changes
-from wda.model import ModelConfig, Transformer
+from wda.train import controlled as C
+from wda.analysis.decompose import measure, vector_changes
+from wda.train.model import ModelConfig, Transformer
 
 
 def random_weight(seed: int, out: int = 12, inp: int = 10) -> torch.Tensor:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from wda.decompose import NonFiniteWeights, magnitude, measure, vector_changes
+from wda.analysis.decompose import NonFiniteWeights, magnitude, measure, vector_changes
 
 OUT, IN = 37, 53  # non-square: an axis mix-up changes the number of vectors
 

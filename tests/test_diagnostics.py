@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from builders import diagnostics_reference, plain_reference
-from wda import kernels
-from wda.decompose import MEASUREMENT_FIELDS, BaseWeight, summarize, vector_changes
+from wda.analysis import kernels
+from wda.analysis.decompose import MEASUREMENT_FIELDS, BaseWeight, summarize, vector_changes
 
 OUT, IN, R = 29, 41, 3
 DIAG = ("s_mean", "align_mean", "align_abs_mean", "delta_m_radial", "delta_m_tangential")
@@ -161,7 +161,7 @@ def test_magnitude_only(path, axis):
 
 
 def test_fields_are_the_metrics_columns():
-    from wda.analysis import METRIC_COLUMNS
+    from wda.analysis.engine import METRIC_COLUMNS
 
     assert all(f in METRIC_COLUMNS for f in MEASUREMENT_FIELDS)
     assert set(DIAG) <= set(MEASUREMENT_FIELDS)

@@ -26,7 +26,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from wda.adapt import AdapterSpec, adapter_parameters, add_adapters, load_adapter, save_adapter
+from wda.train.adapt import AdapterSpec, adapter_parameters, add_adapters, load_adapter, save_adapter
 
 pytestmark = pytest.mark.distributed
 
@@ -48,7 +48,7 @@ def _entry(rank: int, fn, port: int, *args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from wda import distributed
+    from wda.analysis import distributed
 
     env = distributed.init_distributed("gloo", "cpu", timeout=datetime.timedelta(seconds=60))
     fn(env, *args)  # on failure the rank exits with the error and spawn() stops the other
@@ -107,7 +107,7 @@ def ckpt_nan(ckpt) -> Path:
 def single_report(ckpt_dir: Path, out: Path, *extra: str) -> tuple[int, str]:
     """The ordinary single-process CLI, in this process, on one thread like each rank
     (CPU BLAS results may in principle depend on the thread count)."""
-    from wda.report import main
+    from wda.report.cli import main
 
     err, threads = io.StringIO(), torch.get_num_threads()
     torch.set_num_threads(1)
@@ -136,8 +136,8 @@ def assert_same_report(single: Path, multi: Path) -> None:
 def test_exact_pattern_selects_that_module_only():
     """A rank's share is passed as --modules patterns: each must select one name, never a
     longer name it is a dotted suffix of, nor one that its dots match as wildcards."""
-    from wda.distributed import exact_pattern
-    from wda.layout import matches
+    from wda.analysis.distributed import exact_pattern
+    from wda.analysis.layout import matches
 
     names = ["lm_head", "model.lm_head", "model.layers.1.q_proj", "model.layers.11.q_proj",
              "model.layers.1xq_proj", "odd(name)+.w"]
@@ -169,7 +169,7 @@ def test_torchrun_report_equals_single_process(ckpt_nan, tmp_path):
 
 def _cli_cases(env, ckpt: str, ckpt_nan: str, out: str) -> None:
     """Several CLI runs in one process group; each rank writes down what it printed."""
-    from wda.report import main
+    from wda.report.cli import main
 
     cases = {"one_module": [ckpt, "--modules", Q0],  # rank 1's share is empty
              "error_on_rank1": [ckpt_nan]}  # NaN met by rank 1 only, no --skip-broken
@@ -287,7 +287,7 @@ def close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 def check_training(model: nn.Module, ref: nn.Module, rank: int, tag: str) -> None:
     """Sharded/replicated steps on each rank's half == single-process steps on the batch."""
-    from wda.distributed import unwrap
+    from wda.analysis.distributed import unwrap
 
     params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}  # no DDP prefix
     ref_params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
@@ -334,7 +334,7 @@ def check_saved(spec: AdapterSpec, plain: nn.Module, ref: nn.Module, saved: Path
 
 
 def _ddp_worker(env, tmp: str) -> None:
-    from wda import distributed
+    from wda.analysis import distributed
 
     for tag, spec in SPECS.items():
         plain, model = adapted_model(spec, seed=10 + env.rank)
@@ -356,8 +356,8 @@ def _fsdp_worker(env, tmp: str) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, Shard
 
-    from wda import distributed
-    from wda.adapt import adapter_modules
+    from wda.analysis import distributed
+    from wda.train.adapt import adapter_modules
 
     for tag, spec in SPECS.items():
         for units in ("adapters", "blocks"):

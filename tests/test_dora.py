@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from wda.dora import (DoRALinear, LoRALinear, _sum_of_products, dora_weight_norm_dense,
+from wda.train.dora import (DoRALinear, LoRALinear, _sum_of_products, dora_weight_norm_dense,
                       dora_weight_norm_lean, lora_scaling, merge_dora, merge_lora)
 
 F64 = torch.float64

@@ -1,4 +1,4 @@
-"""wda.fit: least-squares line, Pearson / Spearman, bootstrap CI, undefined groups."""
+"""wda.report.fit: least-squares line, Pearson / Spearman, bootstrap CI, undefined groups."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wda.fit import FIT_COLUMNS, bootstrap_r_ci, fit_groups, fit_per_step, fit_xy, ordered_runs
+from wda.report.fit import FIT_COLUMNS, bootstrap_r_ci, fit_groups, fit_per_step, fit_xy, ordered_runs
 
 
 def table(x, y, run="r", method="FT", matrix="q_proj", step=None, layer=None) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from builders import one_line_error, perturb_, plain_reference, tiny_llama
 from wda.errors import WdaError
 from wda.formats import formats, open_checkpoint
 from wda.formats.base import Checkpoint
-from wda.report import main
+from wda.report.cli import main
 
 
 def cli(capsys, *args: str) -> tuple[int, str]:

@@ -294,7 +294,7 @@ def test_default_parts_modules_filter_and_no_split(gpt2_dir):
 
 
 def test_cli_no_split(gpt2_dir, capsys):
-    from wda.report import main
+    from wda.report.cli import main
 
     assert main([str(gpt2_dir), "--dry-run"]) == 0
     split = capsys.readouterr().out
@@ -305,7 +305,7 @@ def test_cli_no_split(gpt2_dir, capsys):
 
 
 def test_config_that_does_not_fit_is_one_line(gpt2_dir, tmp_path, capsys):
-    from wda.report import main
+    from wda.report.cli import main
 
     d = tmp_path / "d"
     shutil.copytree(gpt2_dir, d)

@@ -1,12 +1,12 @@
-"""The fused CPU kernels (wda/kernels.py) against torch's own dtype conversions and float64."""
+"""The fused CPU kernels (wda/analysis/kernels.py) against torch's own dtype conversions and float64."""
 
 import math
 
 import pytest
 import torch
 
-from wda import kernels
-from wda.decompose import BaseWeight, vector_changes
+from wda.analysis import kernels
+from wda.analysis.decompose import BaseWeight, vector_changes
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 

@@ -19,8 +19,8 @@ import torch
 
 import wda
 from builders import Q_V, hub_cached, one_line_error, plain_reference, tiny_llama, trainer_run
-from wda.report import main
-from wda.trainer_state import logged_near
+from wda.report.cli import main
+from wda.formats.trainer_state import logged_near
 
 REPO = "org/tiny"
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -100,7 +100,7 @@ def test_trainer_peft_run_finds_its_base_in_the_hub_cache(trained, offline_hub):
     """No --base, no CKPT_DIR/base: the adapters' base_model_name_or_path (org/tiny) is
     found offline in the local hub cache."""
     d, base_sd, runs = trained
-    layout = wda.analysis.AnalysisOptions().discover(d / "dora_out")
+    layout = wda.analysis.engine.AnalysisOptions().discover(d / "dora_out")
     assert layout.base == offline_hub / "models--org--tiny" / "snapshots" / SHA
     df = wda.analyze(d / "dora_out", progress=False)
     check_run(df, "dora_out", base_sd, runs["dora"][0], qv(base_sd))

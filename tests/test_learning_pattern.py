@@ -9,7 +9,7 @@ checkpoints) and asserts what held in (at least 4 of) 5 seeds of the sweep; the 
 pattern that did not hold are strict expected failures, so the test reports the day they
 start to hold (an XPASS fails the run).
 
-The controlled task of ``wda.controlled`` (a planted teacher: magnitude-only changes in half
+The controlled task of ``wda.train.controlled`` (a planted teacher: magnitude-only changes in half
 the layers' q, direction-only in the others) is the paper's capability claim under test: there
 the paper's three signs held in 10 of 10 seeds, and the test asserts them for two.
 
@@ -30,9 +30,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wda.fit import fit_groups
-from wda.sweep import LATE, covariance_split, measure, select_steps, train_many
-from wda.train import TrainConfig, train_all
+from wda.report.fit import fit_groups
+from wda.train.sweep import LATE, covariance_split, measure, select_steps, train_many
+from wda.train.cli import TrainConfig, train_all
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "learning_pattern.ipynb"
 
@@ -68,7 +68,7 @@ def default_run(tmp_path_factory, base_cache):
 
 
 def pooled_r(metrics, matrix: str = "q_proj", axis: str = "out") -> dict[str, float]:
-    """Pooled Pearson r over the (layer, step) points, per method (via wda.fit)."""
+    """Pooled Pearson r over the (layer, step) points, per method (via wda.report.fit)."""
     sub = metrics[(metrics["matrix"] == matrix) & (metrics["axis"] == axis)]
     fits = fit_groups(sub, by=("method",), n_boot=0)
     assert fits["note"].eq("").all(), fits[["method", "note"]]
@@ -165,16 +165,16 @@ def test_paper_dora_query_correlation_is_negative(q_out):
     assert q_out["DoRA"] < 0, q_out
 
 
-# ---- the controlled test of the paper's capability claim (wda.controlled) ---------------------
+# ---- the controlled test of the paper's capability claim (wda.train.controlled) ---------------------
 # Seeds the test uses; seeds 2-9 of the same setup are reported in LEARNING_PATTERN.md only.
 CONTROLLED_TEST_SEEDS = (0, 1)
 
 
 @pytest.fixture(scope="module")
 def controlled(tmp_path_factory, base_cache):
-    """``python -m wda.controlled`` with its defaults (the default base, planted teacher,
+    """``python -m wda.train.controlled`` with its defaults (the default base, planted teacher,
     300 distillation steps per method) for the test seeds, two at once on the two cores."""
-    from wda.controlled import ControlledConfig, run_many, seed_table
+    from wda.train.controlled import ControlledConfig, run_many, seed_table
 
     tmp = tmp_path_factory.mktemp("controlled")
     cfgs = [ControlledConfig(out=str(tmp / f"seed{s}"), seed=s, cache_dir=base_cache)

@@ -1,4 +1,4 @@
-"""wda.markdown: report.md text from tables and manifest."""
+"""wda.report.markdown: report.md text from tables and manifest."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wda.fit import fit_groups, fit_per_step
-from wda.markdown import PAPER_R, fmt_r, render_report, table
+from wda.report.fit import fit_groups, fit_per_step
+from wda.report.markdown import PAPER_R, fmt_r, render_report, table
 
 MANIFEST = {
     "ckpt_dir": "/data/my ckpts", "axis": "out", "dtype": "float32", "device": "cpu",

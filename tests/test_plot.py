@@ -1,4 +1,4 @@
-"""wda.plot: Figure 2 panels and the trajectory view, built without pyplot state."""
+"""wda.report.plot: Figure 2 panels and the trajectory view, built without pyplot state."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from matplotlib import pyplot as plt
 from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 
-from wda.fit import fit_groups
-from wda.plot import MARKERS, REGRESSION_GID, figure2, trajectories
+from wda.report.fit import fit_groups
+from wda.report.plot import MARKERS, REGRESSION_GID, figure2, trajectories
 
 RUNS = [("dora", "DoRA"), ("mine", "custom"), ("ft", "FT"), ("lora", "LoRA")]
 

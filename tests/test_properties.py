@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of the metric math in wda.decompose (paper Eqs. 2-4).
+"""Property-based tests (hypothesis) of the metric math in wda.analysis.decompose (paper Eqs. 2-4).
 
 Every expectation is a closed form or an invariance, computed here in float64 from the
 construction of the inputs, never from a run of the code under test. Matrices are
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from builders import plain_reference
-from wda.decompose import BaseWeight, NonFiniteWeights, measure, vector_changes
+from wda.analysis.decompose import BaseWeight, NonFiniteWeights, measure, vector_changes
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
 

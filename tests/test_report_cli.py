@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import wda.fit
-import wda.markdown
-import wda.plot
+import wda.report.fit
+import wda.report.markdown
+import wda.report.plot
 from wda.errors import WdaError
-from wda.report import main
+from wda.report.cli import main
 from builders import plain_reference
 
 Q0 = "model.layers.0.self_attn.q_proj"
@@ -72,10 +72,10 @@ def test_success_writes_the_contract_files_and_nothing_else(ck, capsys):
 
 
 @pytest.mark.parametrize("where, exc, status", [
-    ("wda.fit.fit_groups", RuntimeError("boom in the fit"), 1),
-    ("wda.markdown.render_report", KeyboardInterrupt(), 130),
-    ("wda.markdown.render_report", WdaError("somewhere", "a late problem"), 2),
-    ("wda.plot.figure2", MemoryError(), 1),
+    ("wda.report.fit.fit_groups", RuntimeError("boom in the fit"), 1),
+    ("wda.report.markdown.render_report", KeyboardInterrupt(), 130),
+    ("wda.report.markdown.render_report", WdaError("somewhere", "a late problem"), 2),
+    ("wda.report.plot.figure2", MemoryError(), 1),
 ])
 def test_failed_or_interrupted_rendering_keeps_the_earlier_report(ck, capsys, monkeypatch, where, exc,
                                                                    status):
@@ -89,7 +89,7 @@ def test_failed_or_interrupted_rendering_keeps_the_earlier_report(ck, capsys, mo
 
     module, name = where.rsplit(".", 1)
     monkeypatch.setattr(sys.modules[module], name, fail)
-    figures = [] if module == "wda.plot" else ["--no-figures"]
+    figures = [] if module == "wda.report.plot" else ["--no-figures"]
     rc = main([str(ck), "--out", str(out), "--no-progress", "--bootstrap", "10", *figures])
     err = capsys.readouterr().err
     assert rc == status, err

@@ -17,7 +17,7 @@ import torch
 
 import wda
 from wda.errors import WdaError
-from wda.report import main
+from wda.report.cli import main
 from builders import peft_checkpoints, save_full, tiny_gpt2
 
 
@@ -159,7 +159,7 @@ def test_report_lists_each_run_its_settings_and_coverage(pristine, tmp_path, cap
 
 
 def test_reproduce_has_the_train_step_and_rooted_paths(pristine, tmp_path, capsys, monkeypatch):
-    from wda.train import TrainConfig
+    from wda.train.cli import TrainConfig
 
     top = tmp_path / "repo"
     (top / ".git").mkdir(parents=True)

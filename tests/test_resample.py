@@ -1,4 +1,4 @@
-"""wda.resample: cluster bootstrap and layer-permutation p against explicit references,
+"""wda.report.resample: cluster bootstrap and layer-permutation p against explicit references,
 and the planted cases where repeated measures make the naive numbers overconfident."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from wda.fit import MIN_LAYERS_PER_STEP, fit_groups, fit_per_step
-from wda.resample import aligned_blocks, cluster_bootstrap, cluster_permutation_p
+from wda.report.fit import MIN_LAYERS_PER_STEP, fit_groups, fit_per_step
+from wda.report.resample import aligned_blocks, cluster_bootstrap, cluster_permutation_p
 
 
 def r_of(x, y) -> float:

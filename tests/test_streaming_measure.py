@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wda import kernels
-from wda.decompose import BaseWeight, NonFiniteWeights, summarize, vector_changes
-from wda.dora import merge_dora, merge_lora
+from wda.analysis import kernels
+from wda.analysis.decompose import BaseWeight, NonFiniteWeights, summarize, vector_changes
+from wda.train.dora import merge_dora, merge_lora
 
 OUT, IN, R = 37, 53, 4
 

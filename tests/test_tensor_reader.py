@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import wda.buffers
-from wda.buffers import BufferPool
+import wda.analysis.buffers
+from wda.analysis.buffers import BufferPool
 from wda.errors import WdaError
 from wda.formats import HandleCache, open_checkpoint
 from wda.formats.tensors import SAFETENSORS_BITS, TensorFile
@@ -80,7 +80,7 @@ def test_the_tensor_at_the_end_of_the_file(every_dtype):
 
 
 def test_pooled_reads_give_the_same_bytes(every_dtype, monkeypatch):
-    monkeypatch.setattr(wda.buffers, "POOLED_MIN", 0)
+    monkeypatch.setattr(wda.analysis.buffers, "POOLED_MIN", 0)
     ref, pool, counts = _reference(every_dtype), BufferPool(keep=len(_reference(every_dtype))), []
     for _ in range(3):  # the same buffers again and again
         got = TensorFile(every_dtype).read_many(list(ref), pool.take)
@@ -204,7 +204,7 @@ def test_every_dtype_of_the_format_is_sized():
 
 # ---- buffer pool ------------------------------------------------------------------------------
 def test_pool_reuses_a_buffer_once_nothing_refers_to_it(monkeypatch):
-    monkeypatch.setattr(wda.buffers, "POOLED_MIN", 0)
+    monkeypatch.setattr(wda.analysis.buffers, "POOLED_MIN", 0)
     pool = BufferPool()
     a = pool.take(1000)
     ptr = a.data_ptr()
@@ -220,7 +220,7 @@ def test_pool_reuses_a_buffer_once_nothing_refers_to_it(monkeypatch):
 
 
 def test_pool_does_not_hand_a_big_buffer_to_a_small_tensor(monkeypatch):
-    monkeypatch.setattr(wda.buffers, "POOLED_MIN", 0)
+    monkeypatch.setattr(wda.analysis.buffers, "POOLED_MIN", 0)
     pool = BufferPool()
     big = pool.take(1 << 20)
     ptr = big.data_ptr()
@@ -231,7 +231,7 @@ def test_pool_does_not_hand_a_big_buffer_to_a_small_tensor(monkeypatch):
 
 
 def test_pool_keeps_a_bounded_number_of_spare_buffers(monkeypatch):
-    monkeypatch.setattr(wda.buffers, "POOLED_MIN", 0)
+    monkeypatch.setattr(wda.analysis.buffers, "POOLED_MIN", 0)
     pool = BufferPool(keep=3)
     for size in range(1, 40):  # ever larger sizes: none fits the previous ones
         pool.take(size * 10_000)
@@ -258,7 +258,7 @@ def test_a_runs_shared_header_is_parsed_and_checked_once(tmp_path, monkeypatch):
     """Checkpoints with the same header share one parse and one round of header checks; a
     checkpoint with another header (here a wrong shape) is still checked and named."""
     import wda.formats.tensors as tensors
-    import wda.layout as layout
+    import wda.analysis.layout as layout
 
     def save(d: Path, shape=(8, 8), seed=0):
         d.mkdir(parents=True)

@@ -3,7 +3,7 @@ the same steps; tracking changes nothing in training; bad input is one clear lin
 corrupted metrics.csv; ``python -m wda.report`` renders a tracker's folder.
 
 The reference is the analysis engine reading real checkpoints written by transformers / PEFT
-/ wda.adapt (``wda.analyze``), a path that shares no code with the tracker's reading of live
+/ wda.train.adapt (``wda.analyze``), a path that shares no code with the tracker's reading of live
 modules (scaling from adapter_config.json, names from the files, tensors from disk).
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 
 import wda
 from wda.errors import WdaError
-from wda.tracker import Tracker, metric_columns
+from wda.tracking.tracker import Tracker, metric_columns
 
 from builders import tiny_gpt2, tiny_llama
 
@@ -57,7 +57,7 @@ def _case(name: str, d: Path, axis: str) -> Tracker:
     """Build the model of ``name``, save base/, train with a tracker while saving checkpoints."""
     from peft import LoraConfig, get_peft_model
 
-    from wda.adapt import AdapterSpec, add_adapters, save_adapter
+    from wda.train.adapt import AdapterSpec, add_adapters, save_adapter
 
     gpt2 = name.startswith("gpt2")
     model = tiny_gpt2() if gpt2 else tiny_llama(layers=2)
@@ -153,8 +153,8 @@ def _weights(tracker: Tracker) -> dict[str, torch.Tensor]:
 def test_metrics_csv_has_the_report_schema_and_measurement_fields_flow_through(tmp_path):
     import dataclasses
 
-    from wda.analysis import METRIC_COLUMNS
-    from wda.decompose import Measurement
+    from wda.analysis.engine import METRIC_COLUMNS
+    from wda.analysis.decompose import Measurement
 
     assert metric_columns()[: len(METRIC_COLUMNS)] == METRIC_COLUMNS
     assert {f.name for f in dataclasses.fields(Measurement)} <= set(metric_columns())
@@ -167,8 +167,8 @@ def test_metrics_csv_has_the_report_schema_and_measurement_fields_flow_through(t
 # ---- the tracker changes nothing in training -------------------------------------------------
 def _wda_run(method: str, dropout: float, mode: str, track: Path | None):
     """A tiny wda Transformer fine-tuned a few steps; returns (losses, state, rng, grads seen)."""
-    from wda.adapt import AdapterSpec, add_adapters
-    from wda.model import ModelConfig, Transformer
+    from wda.train.adapt import AdapterSpec, add_adapters
+    from wda.train.model import ModelConfig, Transformer
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(n_layers=2, d_model=16, n_heads=2, max_seq_len=16, dropout=dropout))
@@ -315,7 +315,7 @@ def test_a_full_disk_leaves_only_whole_steps(tmp_path, monkeypatch):
 
 
 def test_non_finite_weights_and_merged_adapters_are_refused(tmp_path):
-    from wda.adapt import AdapterSpec, add_adapters
+    from wda.train.adapt import AdapterSpec, add_adapters
 
     model = nn.ModuleDict({"q_proj": nn.Linear(6, 4)})
     t = Tracker(model, every=1, out=tmp_path / "t")
@@ -338,7 +338,7 @@ def test_non_finite_weights_and_merged_adapters_are_refused(tmp_path):
 
 
 def test_mixing_adapters_and_plain_modules_is_refused(tmp_path):
-    from wda.adapt import AdapterSpec, add_adapters
+    from wda.train.adapt import AdapterSpec, add_adapters
 
     model = nn.ModuleDict({"q_proj": nn.Linear(6, 4), "o_proj": nn.Linear(4, 6)})
     add_adapters(model, AdapterSpec("lora", r=2, targets=("q_proj",)))
@@ -359,7 +359,7 @@ def tracked_runs(tmp_path_factory) -> Path:
 
 
 def _report(capsys, *argv) -> tuple[int, str, str]:
-    from wda.report import main
+    from wda.report.cli import main
 
     rc = main([str(a) for a in argv] + ["--no-progress", "--bootstrap", "50"])
     out = capsys.readouterr()
@@ -451,7 +451,7 @@ def test_wda_train_tracks_its_runs_between_the_checkpoints(tmp_path):
     report's rows on the checkpoints; every other file is what an untracked run writes."""
     from test_train import safetensors_files, tiny
 
-    from wda import train as T
+    from wda.train import cli as T
 
     cfg = tiny(tmp_path, track_every=2)
     out = T.train_all(cfg)

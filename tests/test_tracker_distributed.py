@@ -20,8 +20,8 @@ def _fsdp_tracker_worker(env, tmp: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from wda import distributed
-    from wda.tracker import Tracker
+    from wda.analysis import distributed
+    from wda.tracking.tracker import Tracker
 
     for tag in ("ft", "dora"):
         if tag == "ft":

@@ -1,4 +1,4 @@
-"""wda.train / wda.model / wda.corpus: layout, determinism, cache, base identity, merges.
+"""wda.train / wda.train.model / wda.train.corpus: layout, determinism, cache, base identity, merges.
 
 Everything runs on a tiny config (2 layers, d_model 32, a few dozen steps): seconds on CPU.
 """
@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wda import train as T
-from wda.corpus import CORPORA, eval_windows, load_corpus, random_batch
-from wda.dora import lora_scaling, merge_dora, merge_lora
-from wda.model import ModelConfig, Transformer
+from wda.train import cli as T
+from wda.train.corpus import CORPORA, eval_windows, load_corpus, random_batch
+from wda.train.dora import lora_scaling, merge_dora, merge_lora
+from wda.train.model import ModelConfig, Transformer
 
 ADAPTER_KEY = re.compile(r"^base_model\.model\.(?P<module>layers\.(\d+)\.attn\.(q_proj|v_proj))\."
                          r"(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector)$")
@@ -47,7 +47,7 @@ def read_log(out: Path) -> dict:
 def safetensors_files(out: Path) -> dict[str, bytes]:
     """Bytes of every safetensors file under ``out``. Adapter files are reduced to their
     content (sorted metadata, then tensors): safetensors writes metadata with more than one
-    key in random order (a Rust HashMap), and wda.adapt.save_adapter writes two keys."""
+    key in random order (a Rust HashMap), and wda.train.adapt.save_adapter writes two keys."""
     return {str(p.relative_to(out)): content(p) if p.name.startswith("adapter") else p.read_bytes()
             for p in sorted(out.rglob("*.safetensors"))}
 
@@ -310,7 +310,7 @@ def test_refuses_to_mix_with_old_checkpoints(run) -> None:
 
 
 def test_adapter_files_are_byte_identical(run, tmp_path) -> None:
-    from wda.adapt import load_adapter, save_adapter
+    from wda.train.adapt import load_adapter, save_adapter
 
     cfg, out = run
     model = T.load_base(out / "base")

@@ -10,15 +10,15 @@ __all__ = ["analyze", "plan", "make_report", "Tracker", "__version__"]
 def __getattr__(name: str):
     # Lazy so that `import wda` stays cheap (no pandas / scipy until needed).
     if name in ("analyze", "plan"):
-        from wda import analysis
+        from wda.analysis import engine as analysis
 
         return getattr(analysis, name)
     if name == "Tracker":
-        from wda.tracker import Tracker
+        from wda.tracking.tracker import Tracker
 
         return Tracker
     if name == "make_report":
-        from wda.report import make_report
+        from wda.report.cli import make_report
 
         return make_report
     raise AttributeError(f"module 'wda' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Checkpoint formats: one module per on-disk format, all behind one small interface.
 
-The rest of wda (``wda.layout``, ``wda.analysis``) sees only ``open_checkpoint(path)`` and
+The rest of wda (``wda.analysis.layout``, ``wda.analysis.engine``) sees only ``open_checkpoint(path)`` and
 the ``Checkpoint`` it returns (``wda/formats/base.py``):
 
     ck.method                 "FT" | "LoRA" | "DoRA"

@@ -23,7 +23,7 @@ are given, each summing exactly to r:
    base-norm part is what base norms add through their covariation with size and alignment
    (e.g. small-norm layers rotating more).
 2. **Radial and tangential parts of ΔM.** ΔM = ``delta_m_radial`` + ``delta_m_tangential``
-   (``wda.decompose.summarize``), so r = cov(ΔD, radial)/(σσ) + cov(ΔD, tangential)/(σσ).
+   (``wda.analysis.decompose.summarize``), so r = cov(ΔD, radial)/(σσ) + cov(ΔD, tangential)/(σσ).
    The tangential part is ≈ ‖δ_⊥‖²/(2‖u‖) ≈ ‖u‖·ΔD: it ties ΔM to ΔD positively by
    construction, and a negative r needs the radial part to fall as ΔD rises.
 """
@@ -37,7 +37,7 @@ from math import factorial
 import numpy as np
 import pandas as pd
 
-from wda.fit import undefined_reason
+from wda.report.fit import undefined_reason
 
 FACTORS: tuple[str, ...] = ("size", "alignment", "base_norm")
 PARTS: tuple[str, ...] = ("radial", "tangential")
@@ -152,8 +152,8 @@ def attribute(points: pd.DataFrame) -> dict[str, object]:
 
 def drivers(metrics: pd.DataFrame, by: Sequence[str] = ("run", "method", "matrix")) -> pd.DataFrame:
     """One attribution per group of the tidy metrics table, groups in the order of
-    ``wda.fit.fit_groups``. Add ``"step"`` to ``by`` for the cross-layer r at each step."""
-    from wda.fit import _group_sort_key
+    ``wda.report.fit.fit_groups``. Add ``"step"`` to ``by`` for the cross-layer r at each step."""
+    from wda.report.fit import _group_sort_key
 
     by = list(by)
     columns = [*by, *DRIVER_COLUMNS]

@@ -9,7 +9,7 @@ the paper's Figure 2) we report two different things in separate columns:
 
 Inference respects that each layer is measured at several steps (repeated measures): the CIs
 of r and of the slope resample layers with all their steps, and the p-value permutes layers'
-ΔM trajectories between layers (``wda.resample``). The textbook numbers that treat the points
+ΔM trajectories between layers (``wda.report.resample``). The textbook numbers that treat the points
 as independent are kept in columns suffixed ``_naive``.
 
 A group whose correlation is undefined (fewer than 3 points, or ΔD or ΔM constant) gets
@@ -27,14 +27,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from wda.resample import cluster_bootstrap, cluster_permutation_p
+from wda.report.resample import cluster_bootstrap, cluster_permutation_p
 
 METHOD_ORDER: tuple[str, ...] = ("FT", "LoRA", "DoRA")
 
 # Inferential columns come in two kinds. Structured (the default reading): the layer is the
 # sampling unit, since each layer is measured at several steps -- a bootstrap over layers for
 # the CIs of r and of the slope, a permutation of layers' ΔM trajectories for p
-# (wda.resample). Naive (points independent): the textbook numbers, suffixed "_naive".
+# (wda.report.resample). Naive (points independent): the textbook numbers, suffixed "_naive".
 NUMERIC_COLUMNS: tuple[str, ...] = (
     "slope", "slope_ci_low", "slope_ci_high", "intercept", "r_squared",
     "pearson_r", "r_ci_low", "r_ci_high", "p_perm", "spearman_rho",
@@ -125,7 +125,7 @@ def fit_xy(x: np.ndarray, y: np.ndarray, n_boot: int = 2000, seed: int = 0,
 
     ``clusters`` labels each point's layer (module): the bootstrap resamples layers with all
     their steps, and the permutation p permutes layers' y-trajectories, step aligned by
-    ``steps`` (``wda.resample``). None: every point is its own cluster, and the structured
+    ``steps`` (``wda.report.resample``). None: every point is its own cluster, and the structured
     numbers are the ordinary bootstrap and permutation test over points. The ``_naive``
     columns always treat the points as independent. Non-finite points are dropped first
     (counted in ``n_dropped``); with fewer than ``min_n`` points nothing is reported.

@@ -19,7 +19,7 @@ from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from wda.fit import fit_groups, ordered_runs
+from wda.report.fit import fit_groups, ordered_runs
 
 # Filled markers only, so that each point carries its layer colour; they repeat past 12.
 MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
@@ -288,7 +288,7 @@ _DRIVER_LABELS = {"size": "update size", "alignment": "alignment", "base_norm": 
 
 
 def drivers_figure(drivers: pd.DataFrame, matrix: str) -> Figure:
-    """What drives r, per run of one matrix kind (``wda.attribution.drivers`` output): left,
+    """What drives r, per run of one matrix kind (``wda.report.attribution.drivers`` output): left,
     r split into update size, alignment and base norm; right, into ΔM's radial and tangential
     parts. Bars of one run add up to its r (the black dot)."""
     sub = drivers[drivers["matrix"] == matrix]

@@ -140,7 +140,7 @@ def train_command(root: Path, top: Path | None) -> str | None:
     cfg = ((_json(root / TRAIN_LOG) or {}).get("config"))
     if not isinstance(cfg, dict):
         return None
-    from wda.train import TrainConfig
+    from wda.train.cli import TrainConfig
 
     defaults = TrainConfig()
     argv = ["python", "-m", "wda.train", "--out", _rooted(root, top)]

@@ -13,7 +13,7 @@ rank (no hang) and is printed once, by rank 0.
 Adapters under DDP and FSDP2 (``fully_shard``): ``wrap_ddp``, ``shard_adapters``,
 ``broadcast_parameters_`` and ``save_adapter_distributed``, which gathers the full tensors
 of a sharded model (``DTensor.full_tensor()``) and writes, on rank 0, the same PEFT adapter
-``wda.adapt.save_adapter`` writes from a single process.
+``wda.train.adapt.save_adapter`` writes from a single process.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def merge_parts(parts: list[Part], layout, options, device: str):
     """
     import pandas as pd
 
-    from wda.analysis import AnalysisResult, _drop_broken, _table  # as the single process does
+    from wda.analysis.engine import AnalysisResult, _drop_broken, _table  # as the single process does
 
     index = {m.name: i for i, m in enumerate(layout.modules)}
     already = {p for p, _ in layout.skipped}
@@ -211,7 +211,7 @@ def sharded_analysis(ckpt_dir: str | Path, options, env: DistEnv):
 
     Raises the same error on every rank if any rank fails.
     """
-    from wda.analysis import discover_selected, run_analysis
+    from wda.analysis.engine import discover_selected, run_analysis
 
     t0 = time.perf_counter()
     layout, err = None, None
@@ -341,7 +341,7 @@ def _invalidate_caches(model: nn.Module) -> None:
     """Forget DoRA's cached ||W_0||². Collectives write into tensors without bumping their
     autograd version counter, so ``DoRALinear``'s cache key does not see a broadcast W_0:
     a rank whose W_0 differed before the broadcast would keep its old norms."""
-    from wda.adapt import adapter_modules
+    from wda.train.adapt import adapter_modules
 
     for mod in adapter_modules(unwrap(model)).values():
         if hasattr(mod, "invalidate_cache"):
@@ -373,7 +373,7 @@ def shard_adapters(model: nn.Module, units: Iterable[nn.Module] | None = None, m
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from wda.adapt import adapter_modules
+    from wda.train.adapt import adapter_modules
 
     wrappers = adapter_modules(model)
     units = list(wrappers.values()) if units is None else list(units)
@@ -409,7 +409,7 @@ def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Adapter parameters by full name (no DDP prefix), as whole CPU tensors on every rank.
 
     Collective for a sharded model: every rank must call it, in the same program order."""
-    from wda.adapt import adapter_modules
+    from wda.train.adapt import adapter_modules
 
     out = {}
     for name, mod in sorted(adapter_modules(unwrap(model)).items()):
@@ -423,8 +423,8 @@ def _skeleton(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """A stand-in holding only the adapters, with full tensors, under the same module names:
     what ``save_adapter`` reads (r, scaling, shapes, A, B, m). Base weights stay on the meta
     device, so this costs the adapter's memory, not the model's."""
-    from wda.adapt import adapter_modules
-    from wda.dora import DoRALinear, LoRALinear
+    from wda.train.adapt import adapter_modules
+    from wda.train.dora import DoRALinear, LoRALinear
 
     root = nn.Module()
     for name, mod in sorted(adapter_modules(unwrap(model)).items()):
@@ -451,10 +451,10 @@ def _skeleton(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
 def save_adapter_distributed(model: nn.Module, out_dir: str | Path, spec,
                              prefix: str = "base_model.model.") -> None:
-    """Collective ``wda.adapt.save_adapter`` for a DDP- or FSDP2-wrapped model: every rank
+    """Collective ``wda.train.adapt.save_adapter`` for a DDP- or FSDP2-wrapped model: every rank
     gathers the full adapter tensors, rank 0 writes the PEFT adapter a single process would
     write, and every rank raises if the write failed."""
-    from wda.adapt import save_adapter
+    from wda.train.adapt import save_adapter
 
     state = full_adapter_state(model)
     err = None

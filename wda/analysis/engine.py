@@ -5,7 +5,7 @@ matrix of every checkpoint is measured against it in one pass and freed; adapter
 measured from their factors (``BaseWeight.measure_lowrank``, float32 on the device) without
 forming the merged matrix. A background thread reads ahead while the current matrices are
 measured: each checkpoint's header is parsed once, then each tensor's byte range is read
-with ``pread`` into a pooled buffer (``wda.buffers``; for CUDA a pinned one, copied to the
+with ``pread`` into a pooled buffer (``wda.analysis.buffers``; for CUDA a pinned one, copied to the
 device on a side stream). Nothing stays mapped, and a buffer is reused once the matrix in it
 is measured: peak memory is a few matrices whatever the number of layers or steps.
 """
@@ -22,14 +22,14 @@ from typing import Iterator
 import pandas as pd
 import torch
 
-from wda.buffers import BufferPool
-from wda.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
-from wda.dora import merge_dora_input_axis
+from wda.analysis.buffers import BufferPool
+from wda.analysis.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
+from wda.train.dora import merge_dora_input_axis
 from wda.errors import WdaError, pythonic_errors
 from wda.formats import HandleCache, fused_qkv
-from wda.layout import Layout, ModuleInfo, Run, discover
-from wda.prefetch import prefetched, stage
-from wda.trainer_state import LOG_COLUMNS
+from wda.analysis.layout import Layout, ModuleInfo, Run, discover
+from wda.analysis.prefetch import prefetched, stage
+from wda.formats.trainer_state import LOG_COLUMNS
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ as in the paper's reference code and PEFT).
 
 The layers wrap a frozen ``nn.Linear`` under the attribute names PEFT uses
 (``base_layer``, ``lora_A``, ``lora_B``, ``lora_magnitude_vector``, ``lora_dropout``), so a
-wda parameter name maps onto a PEFT checkpoint key by prefixing it (see ``wda.adapt``).
+wda parameter name maps onto a PEFT checkpoint key by prefixing it (see ``wda.train.adapt``).
 
 How ``DoRALinear`` avoids PEFT's cost
 -------------------------------------

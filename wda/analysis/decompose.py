@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from wda import kernels
+from wda.analysis import kernels
 
 Axis = Literal["out", "in"]
 AXES: tuple[str, ...] = ("out", "in")
@@ -196,7 +196,7 @@ class BaseWeight:
     """W_0 of one matrix, prepared once for every checkpoint measured against it.
 
     ``measure(wt)`` gives ``measure(w0, wt)`` in one pass over ``wt``: on a CPU the fused
-    kernels of ``wda.kernels`` (row kernels when each vector is a stored row: axis "out" of
+    kernels of ``wda.analysis.kernels`` (row kernels when each vector is a stored row: axis "out" of
     nn.Linear weights; column kernels when it is a stored column: axis "in", or GPT-2's
     Conv1D layout); elsewhere (GPUs) blocks of rows are converted to the compute dtype,
     differenced and reduced with torch ops while they sit in cache. With

@@ -1,6 +1,6 @@
 """A controlled test of the DoRA paper's capability claim (Sec. 3.2, 4.1): distil a planted teacher.
 
-    python -m wda.controlled --out runs/controlled [--seeds 0,1,2] [...]
+    python -m wda.train.controlled --out runs/controlled [--seeds 0,1,2] [...]
 
 The paper reads the sign of r(ΔD, ΔM) over the (layer, step) points of the query matrices as a
 statement about *capacity*: FT and DoRA can make a large magnitude change with a small direction
@@ -31,7 +31,7 @@ weight-space distance, so the planted change is the unique solution; ``"activati
 teacher's own activations, ``"logits"``: KL on next-byte distributions — both leave directions the
 loss cannot see, see :func:`query_distillation_loss`) with FT, LoRA or DoRA on the query
 projections only (FT trains only those matrices too: a trained key projection could absorb a
-query rescaling), through ``wda.train.finetune`` — same optimizer, schedule and checkpointing as
+query rescaling), through ``wda.train.cli.finetune`` — same optimizer, schedule and checkpointing as
 the natural runs. The output directory is a plain wda checkpoint
 directory (``base/``, ``ft/``, ``lora/``, ``dora/``), so ``wda.analyze``/``wda.report`` measure
 it as they measure any run; ``teacher/`` holds the teacher's weights and the plan (which layer got
@@ -67,9 +67,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from wda.adapt import merge_adapters
-from wda.decompose import measure
-from wda.train import (METHODS, TrainConfig, Transformer, _prepare_out, _write_json, finetune,
+from wda.train.adapt import merge_adapters
+from wda.analysis.decompose import measure
+from wda.train.cli import (METHODS, TrainConfig, Transformer, _prepare_out, _write_json, finetune,
                        load_corpora, load_or_pretrain, save_base, state_dict_contiguous)
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def plant(base: Transformer, cfg: ControlledConfig) -> tuple[Transformer, list[d
 
 
 def logit_distillation_loss(teacher: Transformer):
-    """``loss_fn`` for ``wda.train.finetune``: mean over positions of
+    """``loss_fn`` for ``wda.train.cli.finetune``: mean over positions of
     KL(teacher ‖ student) between next-byte distributions (nats); zero iff they agree."""
 
     def loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -286,7 +286,7 @@ def _relative_error(model: torch.nn.Module, teacher: Transformer,
 
 
 def query_distillation_loss(teacher: Transformer, inputs: str = "isotropic", seed: int = 0):
-    """``loss_fn`` for ``wda.train.finetune``: every student query projection regresses the
+    """``loss_fn`` for ``wda.train.cli.finetune``: every student query projection regresses the
     teacher's, mean over layers of the relative squared error ``‖q_S(h) − q_T(h)‖² / ‖q_T(h)‖²``.
 
     ``inputs="isotropic"``: h ~ N(0, I), as many vectors as the batch has positions, drawn from
@@ -394,14 +394,14 @@ def run_many(cfgs: Sequence[ControlledConfig], workers: int = 1) -> list[Path]:
 def query_metrics(run_dir: str | Path) -> pd.DataFrame:
     """``wda.analyze`` of a controlled run: the query projections, out axis (the axis of the
     planted rescaling and of DoRA's magnitude vector), every saved checkpoint."""
-    from wda.analysis import analyze
+    from wda.analysis.engine import analyze
 
     return analyze(run_dir, modules=["q_proj"], axis="out", device="cpu", progress=False)
 
 
 def pooled_r(metrics: pd.DataFrame) -> dict[str, float]:
-    """Pooled Pearson r(ΔD, ΔM) over the (layer, step) points of q, per method (``wda.fit``)."""
-    from wda.fit import fit_groups
+    """Pooled Pearson r(ΔD, ΔM) over the (layer, step) points of q, per method (``wda.report.fit``)."""
+    from wda.report.fit import fit_groups
 
     fits = fit_groups(metrics[metrics["matrix"] == "q_proj"], by=("method",), n_boot=0)
     return dict(zip(fits["method"], fits["pearson_r"]))
@@ -412,9 +412,9 @@ def seed_table(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     alone (``predicted_r``: exact change / best rank-r change), how close the student got to the
     teacher (final step, mean over the layers of each kind: ``rel_error_mag``, ``cosine_dir``,
     ...), the floor no rank-r update can beat (``lowrank_floor_mag``: Eckart–Young) and what
-    drives r (``wda.attribution``: its size / alignment / base-norm and radial / tangential
+    drives r (``wda.report.attribution``: its size / alignment / base-norm and radial / tangential
     parts, the spread of the update sizes ``s_eff_cv`` and of the alignments ``a_eff_sd``)."""
-    from wda.attribution import drivers
+    from wda.report.attribution import drivers
 
     rows = []
     for d in run_dirs:
@@ -444,7 +444,7 @@ def seed_table(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
 
 # ---- CLI -----------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m wda.controlled", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m wda.train.controlled", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seeds", default=None,
                    help="comma list of seeds: one run each under OUT/seed<N> (default: --seed into OUT)")

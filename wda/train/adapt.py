@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wda.dora import DoRALinear, LoRALinear, lora_scaling
+from wda.train.dora import DoRALinear, LoRALinear, lora_scaling
 from wda.names import matches
 
 CONFIG_NAME = "adapter_config.json"

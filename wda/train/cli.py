@@ -2,7 +2,7 @@
 
     python -m wda.train --out runs/demo [--seed 0] [--steps 400] [...]
 
-A small byte-level transformer (``wda.model``) is pretrained on one corpus (cached: a
+A small byte-level transformer (``wda.train.model``) is pretrained on one corpus (cached: a
 second run with the same base options loads it), then fine-tuned on a different corpus
 by full fine-tuning (FT), LoRA and DoRA on the attention query/value projections, each
 from the same base weights, with the same batches. Output layout (DESIGN.md)::
@@ -39,9 +39,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wda import __version__
-from wda.adapt import AdapterSpec, adapter_parameters, add_adapters, matches, save_adapter
-from wda.corpus import CORPORA, Corpus, eval_windows, load_corpus, random_batch
-from wda.model import ModelConfig, Transformer
+from wda.train.adapt import AdapterSpec, adapter_parameters, add_adapters, matches, save_adapter
+from wda.train.corpus import CORPORA, Corpus, eval_windows, load_corpus, random_batch
+from wda.train.model import ModelConfig, Transformer
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +401,7 @@ def load_or_pretrain(cfg: TrainConfig, corpora: Corpora) -> tuple[Transformer, d
 
 # ---- fine-tuning ---------------------------------------------------------------------------
 def adapter_spec(cfg: TrainConfig, method: str) -> AdapterSpec:
-    """The ``wda.adapt.AdapterSpec`` of a LoRA or DoRA run."""
+    """The ``wda.train.adapt.AdapterSpec`` of a LoRA or DoRA run."""
     return AdapterSpec(method=method, r=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
                        use_rslora=cfg.use_rslora, detach_norm=cfg.dora_detach_norm,
                        targets=tuple(cfg.targets),
@@ -461,7 +461,7 @@ def finetune(cfg: TrainConfig, method: str, base: Transformer, corpora: Corpora,
     if out_dir is not None:
         out_dir = Path(out_dir)
         if cfg.track_every > 0:  # dense trajectories besides the checkpoints; W_0 = base now
-            from wda.tracker import Tracker
+            from wda.tracking.tracker import Tracker
 
             tracker = Tracker(model, modules or list(cfg.targets), every=cfg.track_every,
                               out=out_dir / "tracker", run=method)

@@ -1,12 +1,12 @@
 """Small helpers for sweeps of the embedded runs: train a list of configs, measure, correlate.
 
-    from wda.sweep import train_many, measure, correlations
+    from wda.train.sweep import train_many, measure, correlations
     dirs = train_many({"base/s0": TrainConfig(seed=0), ...}, root="/tmp/sci", workers=2)
     metrics = measure(dirs["base/s0"])                       # both axes, q and v, cached
     table = correlations(metrics, schemes={"late": LATE})     # tidy: one row per r
 
-Nothing here re-implements the science: training is ``wda.train.train_all``, ΔM/ΔD is
-``wda.analysis.analyze`` and every Pearson r comes from ``wda.fit`` (``fit_groups`` for the
+Nothing here re-implements the science: training is ``wda.train.cli.train_all``, ΔM/ΔD is
+``wda.analysis.engine.analyze`` and every Pearson r comes from ``wda.report.fit`` (``fit_groups`` for the
 pooled r, ``fit_per_step`` for the cross-layer r at each step). The one addition is
 :func:`covariance_split`, which splits the pooled covariance of (ΔD, ΔM) over the
 (layer, step) points into a between-step part (the shared time trend: every layer's ΔD and
@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wda.fit import fit_groups, fit_per_step
-from wda.train import TrainConfig, checkpoint_steps, train_all
+from wda.report.fit import fit_groups, fit_per_step
+from wda.train.cli import TrainConfig, checkpoint_steps, train_all
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def measure(run_dir: str | Path, axes: Sequence[str] = ("out", "in"),
     With ``cache`` the table is kept as ``run_dir/sweep_metrics.csv`` (tiny) and reused.
     The method column holds FT / LoRA / DoRA as read from the files.
     """
-    from wda.analysis import analyze
+    from wda.analysis.engine import analyze
 
     run_dir = Path(run_dir)
     path = run_dir / "sweep_metrics.csv"
@@ -164,8 +164,8 @@ def correlations(metrics: pd.DataFrame, schemes: Mapping[str, Sequence[float]] |
     """Tidy correlations of one run's metrics (as from :func:`measure`).
 
     One row per (scheme, method, matrix, axis, kind, step): ``kind`` is ``pooled`` (r over
-    all (layer, step) points of the scheme, ``wda.fit.fit_groups``; step = -1),
-    ``step`` (cross-layer r at that step, ``wda.fit.fit_per_step``), ``within`` and
+    all (layer, step) points of the scheme, ``wda.report.fit.fit_groups``; step = -1),
+    ``step`` (cross-layer r at that step, ``wda.report.fit.fit_per_step``), ``within`` and
     ``between`` (:func:`covariance_split`; step = -1, with ``share`` filled). ``schemes``
     default: all saved steps as one scheme ``"all"``; otherwise ``total`` (the number of
     fine-tuning steps) is needed to turn fractions into steps.

@@ -1,9 +1,9 @@
 """``wda.Tracker`` as a Hugging Face Trainer callback and a PyTorch Lightning callback.
 
-    from wda.callbacks import WdaCallback                 # transformers.TrainerCallback
+    from wda.tracking.callbacks import WdaCallback                 # transformers.TrainerCallback
     trainer = Trainer(model, args, train_dataset=ds, callbacks=[WdaCallback("runs/mine/wda", every=50)])
 
-    from wda.callbacks import WdaLightningCallback        # lightning.pytorch.Callback
+    from wda.tracking.callbacks import WdaLightningCallback        # lightning.pytorch.Callback
     trainer = L.Trainer(max_steps=1000, callbacks=[WdaLightningCallback("runs/mine/wda", every=50)])
 
 Neither framework is a dependency of wda: each class is built on first use, importing its
@@ -31,7 +31,7 @@ def __getattr__(name: str):
         return _hf_callback()
     if name == "WdaLightningCallback":
         return _lightning_callback()
-    raise AttributeError(f"module 'wda.callbacks' has no attribute {name!r}")
+    raise AttributeError(f"module 'wda.tracking.callbacks' has no attribute {name!r}")
 
 
 class _Tracking:
@@ -46,7 +46,7 @@ class _Tracking:
 
     def _begin(self, model, write: bool) -> None:
         if self.tracker is None:
-            from wda.tracker import Tracker
+            from wda.tracking.tracker import Tracker
 
             if model is None:
                 raise WdaError(None, "the trainer passed no model to the callback", "pass tracker=Tracker(model, ...)")
@@ -62,7 +62,7 @@ def _hf_callback():
     try:
         from transformers import TrainerCallback
     except ImportError:
-        raise WdaError(None, "wda.callbacks.WdaCallback needs transformers", "pip install transformers") from None
+        raise WdaError(None, "wda.tracking.callbacks.WdaCallback needs transformers", "pip install transformers") from None
 
     class WdaCallback(TrainerCallback, _Tracking):
         """Record ΔM / ΔD during ``transformers.Trainer.train`` (see ``wda.Tracker``)."""
@@ -87,7 +87,7 @@ def _lightning():
         try:
             import pytorch_lightning as pl
         except ImportError:
-            raise WdaError(None, "wda.callbacks.WdaLightningCallback needs PyTorch Lightning",
+            raise WdaError(None, "wda.tracking.callbacks.WdaLightningCallback needs PyTorch Lightning",
                            "pip install lightning") from None
     return pl
 

@@ -7,11 +7,11 @@
 
 ``Tracker`` remembers W_0 of the selected modules when it is created and, at each measured
 step, measures the current weights against it with the analysis engine's own code
-(``wda.decompose.BaseWeight``, one prepared per module, W_0's norms computed once):
+(``wda.analysis.decompose.BaseWeight``, one prepared per module, W_0's norms computed once):
 ``measure`` for full weights, ``measure_lowrank`` from the factors for LoRA / DoRA adapters
 (wda's ``LoRALinear`` / ``DoRALinear`` and PEFT's LoRA / DoRA layers), ``measure_rescaled``
 for magnitude-only DoRA modules. Rows go to ``OUT/metrics.csv`` in the schema
-``python -m wda.report`` writes (``wda.analysis.METRIC_COLUMNS``); ``OUT/tracker.json``
+``python -m wda.report`` writes (``wda.analysis.engine.METRIC_COLUMNS``); ``OUT/tracker.json``
 records the settings, and ``python -m wda.report OUT`` renders the report from them.
 
 W_0 and its memory:
@@ -52,9 +52,9 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from wda.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
+from wda.analysis.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
 from wda.errors import WdaError
-from wda.layout import DEFAULT_TARGETS, GPT2_DEFAULT_TARGETS, ModuleInfo, parse_name
+from wda.analysis.layout import DEFAULT_TARGETS, GPT2_DEFAULT_TARGETS, ModuleInfo, parse_name
 from wda.names import matches
 
 METRICS_NAME = "metrics.csv"
@@ -67,8 +67,8 @@ _KINDS = ("full", "lora", "dora", "magnitude")  # how a module's current weight 
 
 
 def metric_columns() -> list[str]:
-    """``wda.analysis.METRIC_COLUMNS``, then any ``Measurement`` field it does not list yet."""
-    from wda.analysis import METRIC_COLUMNS
+    """``wda.analysis.engine.METRIC_COLUMNS``, then any ``Measurement`` field it does not list yet."""
+    from wda.analysis.engine import METRIC_COLUMNS
 
     extra = [f for f in MEASUREMENT_FIELDS if f not in METRIC_COLUMNS]
     return list(METRIC_COLUMNS) + extra
@@ -83,7 +83,7 @@ def _is_peft_layer(m: nn.Module) -> bool:
 
 
 def _is_wda_layer(m: nn.Module) -> bool:
-    from wda.dora import DoRALinear, LoRALinear
+    from wda.train.dora import DoRALinear, LoRALinear
 
     return isinstance(m, (LoRALinear, DoRALinear))
 
@@ -100,7 +100,7 @@ def _own_weight(m: nn.Module) -> torch.Tensor | None:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor; a DTensor (FSDP2) is all-gathered (a collective on every rank)."""
-    from wda.distributed import _full as full
+    from wda.analysis.distributed import _full as full
 
     return full(t.detach())
 
@@ -118,7 +118,7 @@ class _Module:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    from wda.distributed import unwrap
+    from wda.analysis.distributed import unwrap
 
     return unwrap(model)
 
@@ -199,7 +199,7 @@ def select_modules(model: nn.Module, modules: Sequence[str] | None) -> dict[str,
 def _describe(name: str, m: nn.Module) -> tuple[str, str | None, torch.Tensor, bool]:
     """(kind, PEFT adapter name, the base/full weight as stored, stored transposed)."""
     if _is_wda_layer(m):
-        from wda.dora import DoRALinear
+        from wda.train.dora import DoRALinear
 
         kind = "lora"
         if isinstance(m, DoRALinear):

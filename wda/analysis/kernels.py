@@ -137,7 +137,7 @@ def closed_form(ud: torch.Tensor, dd2: torch.Tensor, n0: torch.Tensor, ok: torch
 
 
 def vector_sums(m0: torch.Tensor, dm: torch.Tensor, dd: torch.Tensor, valid: torch.Tensor) -> list[float]:
-    """The sums behind ``wda.decompose.summarize`` over the valid vectors, in float64, in one
+    """The sums behind ``wda.analysis.decompose.summarize`` over the valid vectors, in float64, in one
     pass: [count, Σ|Δm|, ΣΔD, Σ|u|, Σ‖δ‖/|u|, Σ cos(δ, u), Σ|cos(δ, u)|, Σ sign(Δm)·radial,
     Σ sign(Δm)·tangential] (formulas in ``summarize``)."""
     out = np.zeros(9)

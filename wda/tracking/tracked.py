@@ -4,7 +4,7 @@
     DIR/<run>/tracker/  or  DIR/<run>/           several runs (``--trackers``)
 
 No weights are read: the rows were measured while training ran, with the engine's own code.
-The result carries the same columns and sort as ``run_analysis`` (``wda.analysis._table``),
+The result carries the same columns and sort as ``run_analysis`` (``wda.analysis.engine._table``),
 a layout built from the trackers' settings, and ``source`` (what the manifest records).
 """
 
@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 from wda.formats.tensors import read_json
 from wda.errors import WdaError
-from wda.layout import ModuleInfo, Layout, Run, parse_name
+from wda.analysis.layout import ModuleInfo, Layout, Run, parse_name
 from wda.names import matches
-from wda.tracker import FORMAT, METRICS_NAME, SETTINGS_NAME
+from wda.tracking.tracker import FORMAT, METRICS_NAME, SETTINGS_NAME
 
 if TYPE_CHECKING:
-    from wda.analysis import AnalysisOptions, AnalysisResult
+    from wda.analysis.engine import AnalysisOptions, AnalysisResult
 
 _INTS = ("step", "layer", "n_vectors", "n_excluded")
 _TEXT = ("run", "method", "module", "matrix", "axis", "stack")  # every other column is a number
@@ -53,7 +53,7 @@ def load(root: str | Path, options: AnalysisOptions) -> AnalysisResult:
     """The trackers' rows under ``root`` as an ``AnalysisResult`` for ``wda.report``."""
     import time
 
-    from wda.analysis import AnalysisResult, _table
+    from wda.analysis.engine import AnalysisResult, _table
 
     t0 = time.perf_counter()
     root = Path(root)
@@ -136,7 +136,7 @@ def _metrics(path: Path):
     """(rows, note about a torn last line or None, bytes) of one tracker's metrics.csv."""
     import pandas as pd
 
-    from wda.tracker import metric_columns
+    from wda.tracking.tracker import metric_columns
 
     try:
         raw = path.read_bytes()

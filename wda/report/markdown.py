@@ -18,7 +18,7 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-from wda.fit import METHOD_ORDER, MIN_LAYERS_PER_STEP, ordered_runs
+from wda.report.fit import METHOD_ORDER, MIN_LAYERS_PER_STEP, ordered_runs
 
 # Paper, Sec. 4.1 (discussing Fig. 2): correlation between ΔD and ΔM of the query
 # matrices of VL-BART. No numbers are given for the value matrices (Fig. 6).
@@ -334,7 +334,7 @@ def _drivers_section(drivers: pd.DataFrame | None, per_step: pd.DataFrame | None
             "Every point is a function of its vectors' base norm ‖u‖, relative update size "
             "s = ‖δ‖/‖u‖ and alignment a = cos(δ, u) (metrics.csv: `m0_mean`, `s_mean`, "
             "`align_mean`, `align_abs_mean`). Two exact splits of each Pearson r "
-            "(`wda/attribution.py`; drivers.csv, drivers_per_step.csv):", "",
+            "(`wda/report/attribution.py`; drivers.csv, drivers_per_step.csv):", "",
             "- **size + alignment + base norm = r**: each point is mapped to its effective layer "
             "(the one (s, a) that a layer of identical vectors of norm `m0_mean` needs to sit "
             "exactly at the point), and the covariance of the points is shared among the three "
@@ -407,9 +407,9 @@ def render_report(metrics: pd.DataFrame, fits: pd.DataFrame,
                   drivers_per_step: pd.DataFrame | None = None) -> str:
     """The markdown of report.md (GitHub flavour); writes nothing.
 
-    ``fits`` / ``fits_per_step`` are ``wda.fit.fit_groups`` / ``fit_per_step`` output;
+    ``fits`` / ``fits_per_step`` are ``wda.report.fit.fit_groups`` / ``fit_per_step`` output;
     ``figures`` maps a title to a file name relative to report.md; ``drivers`` /
-    ``drivers_per_step`` are ``wda.attribution.drivers`` output (pooled, per step).
+    ``drivers_per_step`` are ``wda.report.attribution.drivers`` output (pooled, per step).
     """
     name = manifest.get("ckpt_dir") or "checkpoints"
     intro = (f"# Weight-decomposition analysis: `{name}`\n\n"

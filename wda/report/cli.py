@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace):
-    from wda.analysis import AnalysisOptions
+    from wda.analysis.engine import AnalysisOptions
 
     fifo = {"auto": None, "yes": True, "no": False}[args.fan_in_fan_out]
     return AnalysisOptions(modules=args.modules, axis=args.axis, device=args.device, dtype=args.dtype,
@@ -164,7 +164,7 @@ def _versions() -> dict[str, str]:
 
 def _manifest(result, settings: ReportSettings, out: Path, timings: dict[str, float],
               figures: list[str]) -> dict:
-    from wda.runinfo import describe_runs, reproduce_commands
+    from wda.report.runinfo import describe_runs, reproduce_commands
 
     lay = result.layout
     m = result.metrics
@@ -199,9 +199,9 @@ def _manifest(result, settings: ReportSettings, out: Path, timings: dict[str, fl
 
 def _render(result, settings: ReportSettings, out_tmp: Path, out: Path, t_start: float) -> None:
     """Fit, plot and write everything into ``out_tmp``."""
-    from wda.attribution import drivers
-    from wda.fit import fit_groups, fit_per_step
-    from wda.markdown import render_report
+    from wda.report.attribution import drivers
+    from wda.report.fit import fit_groups, fit_per_step
+    from wda.report.markdown import render_report
 
     metrics = result.metrics
     timings = {"analysis": result.seconds}
@@ -244,7 +244,7 @@ def _write_figures(metrics, fits, why, out: Path, relative_dm: bool = False
     import matplotlib
 
     matplotlib.use("Agg")
-    from wda.plot import drivers_figure, figure2, trajectories
+    from wda.report.plot import drivers_figure, figure2, trajectories
 
     y = "delta_m_rel" if relative_dm else "delta_m"
     figures: dict[str, str] = {}
@@ -372,7 +372,7 @@ def _clean_leftovers(out: Path) -> None:
 
 def _dry_run(args) -> int:
     """What would be measured (headers only), and what --skip-broken would set aside."""
-    from wda.analysis import discover_selected, measurement_count, resolve_device
+    from wda.analysis.engine import discover_selected, measurement_count, resolve_device
 
     opts = _options(args)
     _settings(args)  # bad --bootstrap / --permutations fail here as in a real run
@@ -477,7 +477,7 @@ def make_report(ckpt_dir: str | Path, out: str | Path | None = None, *,
     ``out`` (default ``reports/<name of ckpt_dir>``); returns the folder. Keywords as the
     CLI options (``runs`` / ``steps``: only these, as --only-runs / --only-steps); bad input
     raises ``WdaError``."""
-    from wda.analysis import AnalysisOptions, run_analysis
+    from wda.analysis.engine import AnalysisOptions, run_analysis
     from wda.errors import pythonic_errors
 
     t_start = time.perf_counter()
@@ -525,8 +525,9 @@ def _argv(ckpt_dir, out, **kw) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wda import distributed, tracked
-    from wda.analysis import run_analysis
+    from wda.analysis import distributed
+    from wda.tracking import tracked
+    from wda.analysis.engine import run_analysis
 
     if args.trackers and args.ckpt_dir is None:
         raise WdaError(None, "--trackers needs CKPT_DIR", "give the folder holding <run>/tracker/")

@@ -27,9 +27,9 @@ from wda.formats.peft import ADAPTER_CONFIG
 from wda.errors import WdaError
 from wda.formats import fused_qkv
 from wda.formats.tensors import present
-from wda.hub import cached_snapshot, describe, parse_hub_id
+from wda.formats.hub import cached_snapshot, describe, parse_hub_id
 from wda.names import matches
-from wda.trainer_state import check_step, logged_near, read_state
+from wda.formats.trainer_state import check_step, logged_near, read_state
 
 log = logging.getLogger(__name__)
 
