@@ -267,7 +267,7 @@ class BaseWeight:
     # -- full weights --
     def measure(self, wt: torch.Tensor) -> Measurement:
         """ΔM, ΔD of the full weight ``wt`` (same layout as W_0, any float dtype)."""
-        return summarize(self.changes(wt))
+        return self.measure_many([wt])[0]
 
     def changes(self, wt: torch.Tensor) -> VectorChanges:
         return self.changes_many([wt])[0]
