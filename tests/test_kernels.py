@@ -260,3 +260,27 @@ def test_closed_sums_equal_closed_form_then_vector_sums(dtype):
     worse = dd2.clone()
     worse[1, 40] = math.nan
     assert kernels.closed_sums(ud, worse, base.n0, None, 0.5)[:, 10].tolist() == [0, 1, 0]
+
+
+def test_closed_sums_with_a_magnitude_equal_the_per_vector_dora_path():
+    """DoRA's tail from the sums (magnitude given) against the same checkpoint through
+    ``changes_lowrank`` and ``summarize``: negative and zero magnitudes included; a NaN
+    magnitude is flagged."""
+    from wda.analysis.decompose import summarize
+
+    gen = torch.Generator().manual_seed(9)
+    w0 = torch.randn(64, 40, generator=gen)
+    a, b = torch.randn(4, 40, generator=gen), 0.1 * torch.randn(64, 4, generator=gen)
+    m = torch.linalg.vector_norm(w0, dim=1) * (1 + 0.05 * torch.randn(64, generator=gen))
+    m[3], m[8] = -m[3], 0.0
+    base = BaseWeight(w0)
+    fast = base.measure_lowrank(a, b, 0.5, m)
+    slow = summarize(base.changes_lowrank(a, b, 0.5, m))
+    assert fast.n_excluded == slow.n_excluded == 1
+    for f in ("delta_m", "delta_d", "m0_mean", "s_mean", "align_mean", "align_abs_mean",
+              "delta_m_radial", "delta_m_tangential"):
+        assert getattr(fast, f) == pytest.approx(getattr(slow, f), rel=1e-12, abs=1e-15), f
+    ud, dd2, _, ok = base._lowrank_sums(a, b, 0.5, None)
+    bad = m.clone()
+    bad[5] = math.nan
+    assert kernels.closed_sums(ud[None], dd2[None], base.n0, ok[None], 0.5, bad[None])[0, 10] == 1

@@ -307,14 +307,21 @@ class BaseWeight:
         kernels, one call gives every checkpoint's means when the closed form takes all its
         vectors (the usual case); the others, and every checkpoint elsewhere, go through
         ``_finish`` (per-vector changes, the residual form for the rest) and ``summarize``."""
-        fast = kernels.closed_sums(ud, dd2, self.n0, ok, _ALONG) if self._kernels else None
-        out = []
-        for k, dense in enumerate(denses):
-            if fast is not None and fast[k, 9] == 0 and fast[k, 10] == 0:
-                out.append(_from_sums(ud.shape[1], fast[k, 0], fast[k, 1:9]))
-            else:
-                out.append(summarize(self._finish(ud[k], dd2[k], dense, None if ok is None else ok[k])))
-        return out
+        fast = self._fast_sums(ud, dd2, ok, None, every=False)
+        return [fast[k] if fast[k] is not None else
+                summarize(self._finish(ud[k], dd2[k], dense, None if ok is None else ok[k]))
+                for k, dense in enumerate(denses)]
+
+    def _fast_sums(self, ud: torch.Tensor, dd2: torch.Tensor, ok: torch.Tensor | None,
+                   magnitude: torch.Tensor | None, every: bool = True) -> list | None:
+        """Per checkpoint its Measurement straight from ``kernels.closed_sums``, or None where
+        the closed form does not take every vector (or a value is not finite; or no kernels).
+        ``every``: None unless all of them are measured so."""
+        if not self._kernels:
+            return None if every else [None] * ud.shape[0]
+        sums = kernels.closed_sums(ud, dd2, self.n0, ok, _ALONG, magnitude)
+        out = [_from_sums(ud.shape[1], s[0], s[1:9]) if s[9] == 0 and s[10] == 0 else None for s in sums]
+        return None if every and any(m is None for m in out) else out
 
     def _dense(self, src: torch.Tensor):
         """The residual form for the rows ``idx`` of a full-weight checkpoint."""
@@ -331,9 +338,12 @@ class BaseWeight:
         """ΔM, ΔD of W_0 + s·B·A (Eq. 1), or with ``magnitude`` of DoRA's
         m · (W_0 + s·B·A) / ||W_0 + s·B·A|| (Eq. 5, norm per output row).
         ``projected``: this adapter's part of ``project`` (several adapters, one pass)."""
-        if magnitude is None:  # LoRA: straight from the sums
+        if magnitude is None or (self.dim == 1 and magnitude.numel() == self.n0.numel()):  # from the sums
             ud, dd2, dense, ok = self._lowrank_sums(a, b, scaling, projected)
-            return self._measure_sums(ud[None], dd2[None], ok[None], [dense])[0]
+            m = None if magnitude is None else magnitude.reshape(1, -1).to(self.dtype).contiguous()
+            fast = self._fast_sums(ud[None], dd2[None], ok[None], m)
+            if fast is not None:
+                return fast[0]
         return summarize(self.changes_lowrank(a, b, scaling, magnitude, projected))
 
     def project(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:

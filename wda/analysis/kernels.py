@@ -146,16 +146,20 @@ def vector_sums(m0: torch.Tensor, dm: torch.Tensor, dd: torch.Tensor, valid: tor
 
 
 def closed_sums(ud: torch.Tensor, dd2: torch.Tensor, n0: torch.Tensor, ok: torch.Tensor | None,
-                along: float) -> np.ndarray:
+                along: float, magnitude: torch.Tensor | None = None) -> np.ndarray:
     """``closed_form`` and ``vector_sums`` in one call for K checkpoints of one matrix (ud, dd2:
     (K, vectors), ``ok`` the same shape or None): row k holds the nine sums of ``vector_sums``
     over the vectors the closed form takes, then [9] how many it does not take (those need the
-    residual form: the caller then takes the per-vector path) and [10] 1 when a sum is NaN or
-    Inf. No per-vector tensor is made: the per-checkpoint tail of a full-weight or adapter
+    residual form: the caller then takes the per-vector path) and [10] 1 when a sum (or a
+    magnitude) is NaN or Inf. With ``magnitude`` ((K, vectors), DoRA's m per output row) the
+    vector is m·V'/|V'|: Δm = |m| - |u|, ΔD of ±V', and m = 0 leaves the vector out. No
+    per-vector tensor is made: the per-checkpoint tail of an adapter or full-weight
     checkpoint in one call."""
     out = np.zeros((ud.shape[0], 11))
     ok_ = ok.numpy() if ok is not None else np.ones((1, 1), np.bool_)
-    _closed_sums(ud.numpy(), dd2.numpy(), n0.numpy(), ok_, ok is not None, along, out)
+    mag = magnitude.numpy() if magnitude is not None else np.ones((1, 1), ud.numpy().dtype)
+    _closed_sums(ud.numpy(), dd2.numpy(), n0.numpy(), ok_, ok is not None, mag, magnitude is not None,
+                 along, out)
     return out
 
 
@@ -419,7 +423,7 @@ if numba is not None:
                 _accumulate(out, m0[n], dm[n], dd[n])
 
     @numba.njit(nogil=True, cache=True)
-    def _closed_sums(ud, dd2, n0, ok, use_ok, along, out):
+    def _closed_sums(ud, dd2, n0, ok, use_ok, mag, use_mag, along, out):
         per = np.zeros(2, ud.dtype)  # Δm and ΔD rounded as closed_form stores them
         zero = per[0]
         two = zero + 2
@@ -431,7 +435,16 @@ if numba is not None:
                 if not (np.isfinite(x) and np.isfinite(y)):
                     o[10] = 1.0
                 c, per[0], per[1] = _closed_row(x, y, n0[i], along, zero, two)
-                if c and not (use_ok and not ok[k, i]):
-                    _accumulate(o, n0[i], per[0], per[1])
-                else:
+                if not c or (use_ok and not ok[k, i]):
                     o[9] += 1.0
+                    continue
+                if use_mag:  # Eq. 5: norm |m|, direction ±V' (see BaseWeight.changes_lowrank)
+                    m = mag[k, i]
+                    if not np.isfinite(m):
+                        o[10] = 1.0
+                    if m == 0:  # a zero row: excluded, as a zero-norm vector
+                        continue
+                    per[0] = abs(m) - n0[i]
+                    if m < 0:
+                        per[1] = two - per[1]
+                _accumulate(o, n0[i], per[0], per[1])
