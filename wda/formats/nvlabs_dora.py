@@ -24,7 +24,8 @@ from typing import Any
 
 from wda.errors import WdaError
 from wda.formats.base import DORA, AdapterInfo, Checkpoint, TensorInfo
-from wda.formats.peft import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS, PEFT_PREFIX
+from wda.formats.peft import (ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS, PEFT_PREFIX, adapter_config_of,
+                              adapter_weights, check_run_config)
 from wda.formats.tensors import present, read_json, short_repr
 
 PEFT_TYPE = "DORA"
@@ -82,6 +83,11 @@ def _module_name(key: str) -> tuple[str, str] | None:
     return (m["module"], m["part"]) if m else None
 
 
+def module_names(keys) -> set[str]:
+    """The modules the fork's adapter keys belong to."""
+    return {hit[0] for hit in map(_module_name, keys) if hit is not None}
+
+
 def is_nvlabs_config(path: Path) -> bool:
     """``adapter_config.json`` at ``path`` says ``peft_type: "DORA"`` (unreadable: not ours)."""
     try:
@@ -98,11 +104,18 @@ class NvlabsDora(Checkpoint):
 
     @classmethod
     def detect(cls, path: Path) -> bool:
-        return path.is_dir() and present(path / ADAPTER_CONFIG) and is_nvlabs_config(path / ADAPTER_CONFIG)
+        """Its own adapter_config.json says DORA; or a ``checkpoint-<step>/`` holding adapter
+        weights (the commonsense script's Trainer checkpoints: ``pytorch_model.bin``) in a run
+        folder whose adapter_config.json does."""
+        if not path.is_dir():
+            return False
+        cfg = adapter_config_of(path)
+        return (cfg is not None and is_nvlabs_config(cfg)
+                and (cfg.parent == path or adapter_weights(path, cfg) is not None))
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        cfg_path = self.method_file = path / ADAPTER_CONFIG
+        cfg_path = self.method_file = adapter_config_of(path) or path / ADAPTER_CONFIG
         raw = read_json(cfg_path)
         for key in ("r", "lora_alpha"):
             if key not in raw:
@@ -123,15 +136,15 @@ class NvlabsDora(Checkpoint):
         extra = path / NON_LORA_TRAINABLES
         if present(extra):
             self._add_file(extra)
-        for name in (ADAPTER_SAFETENSORS, ADAPTER_BIN):
-            if present(path / name):
-                weights = path / name
-                break
-        else:
+        weights = adapter_weights(path, cfg_path)
+        if weights is None:
             raise WdaError(path, f"{ADAPTER_CONFIG} (peft_type DORA) found but no {ADAPTER_BIN} or "
                                  f"{ADAPTER_SAFETENSORS}", "restore the adapter weights or remove this checkpoint")
         self._add_file(weights)  # last: the file named in errors
         self.adapters = self._index(weights, extra if present(extra) else None)
+        if cfg_path.parent != path:
+            mine = module_names(k for k, tf in self._tensors.items() if tf.path == weights)
+            check_run_config(weights, cfg_path, mine, module_names)
 
     def _index(self, weights: Path, extra: Path | None) -> dict[str, AdapterInfo]:
         parts: dict[str, dict[str, TensorInfo]] = {}
