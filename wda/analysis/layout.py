@@ -31,7 +31,7 @@ from wda.formats import METHOD_ORDER, Checkpoint, TensorInfo, formats, open_chec
 from wda.formats.base import CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, MODEL_CONFIG
 from wda.formats.peft import ADAPTER_CONFIG
 from wda.errors import WdaError
-from wda.formats import fused_qkv
+from wda.formats import fused_mlp, fused_qkv
 from wda.formats.tensors import present
 from wda.formats.hub import cached_snapshot, describe, parse_hub_id
 from wda.names import matches
@@ -532,25 +532,38 @@ def _transposed_modules(base: Checkpoint, runs: list[Run], opened: dict[Path, Ch
     return out
 
 
+def _fused_kinds(config: dict | None, name: str) -> tuple[str, ...]:
+    """The parts a fused projection is split into: q, k, v (attention) or gate, up (MLP)."""
+    if fused_qkv.is_fused(config, name):
+        return fused_qkv.PARTS
+    return fused_mlp.PARTS if fused_mlp.is_fused(config, name) else ()
+
+
+def _fused_parts(config: dict | None, name: str, out_features: int) -> list[fused_qkv.FusedPart] | None:
+    return fused_qkv.fused_parts(config, name, out_features) or fused_mlp.fused_parts(config, name, out_features)
+
+
 def _matches_module(name: str, pat: str, config: dict | None) -> bool:
-    """``pat`` names this module, or one of its q/k/v parts if it is a fused projection."""
+    """``pat`` names this module, or one of its parts if it is a fused projection."""
     if matches(name, pat):
         return True
-    return fused_qkv.is_fused(config, name) and any(matches(f"{name}.{k}", pat) for k in fused_qkv.PARTS)
+    return any(matches(f"{name}.{k}", pat) for k in _fused_kinds(config, name))
 
 
 def _split_fused(infos: list[ModuleInfo], config: dict | None, config_path: Path,
                  patterns: list[str] | None, runs: list[Run]) -> list[ModuleInfo]:
-    """Fused attention projections replaced by their q, k, v parts (``c_attn`` -> ``c_attn.q``,
-    ``c_attn.k``, ``c_attn.v``): all three when asked for by name or adapted, else (the
-    default query/value choice) q and v. Adapter runs of the fused module measure each part."""
+    """Fused projections replaced by their parts: attention ``c_attn`` -> ``c_attn.q``,
+    ``c_attn.k``, ``c_attn.v`` (all three when asked for by name or adapted, else, the
+    default query/value choice, q and v); gated MLP ``gate_up_proj`` -> ``gate_up_proj.gate``,
+    ``gate_up_proj.up``. Adapter runs of the fused module measure each part."""
     out: list[ModuleInfo] = []
     adapted = {b for r in runs for b in r.adapter_names}
     for m in infos:
         try:
-            parts = fused_qkv.fused_parts(config, m.name, m.out_features)
+            parts = _fused_parts(config, m.name, m.out_features)
         except fused_qkv.FusedLayoutError as exc:
-            raise WdaError(config_path, f"cannot split {m.name!r} into q, k, v: {exc}",
+            kinds = ", ".join(_fused_kinds(config, m.name))
+            raise WdaError(config_path, f"cannot split {m.name!r} into {kinds}: {exc}",
                            "fix config.json, or pass --no-split to measure the fused matrix whole") from None
         if parts is None:
             out.append(m)
@@ -558,7 +571,7 @@ def _split_fused(infos: list[ModuleInfo], config: dict | None, config_path: Path
         if patterns:
             parts = [p for p in parts if any(matches(m.name, pat) or matches(p.name, pat) for pat in patterns)]
         elif m.name not in adapted:
-            parts = [p for p in parts if p.kind in ("q", "v")]
+            parts = [p for p in parts if p.kind != "k"]  # the default query/value choice: no keys
         for p in parts:
             out.append(dataclasses.replace(m, name=p.name, out_features=len(p.rows),
                                            matrix=f"{m.matrix}.{p.kind}", part=p))

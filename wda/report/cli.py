@@ -73,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="render the rows wda.Tracker wrote during training (CKPT_DIR/<run>/tracker/) "
                         "instead of measuring checkpoints; automatic when CKPT_DIR is a tracker's folder")
     p.add_argument("--no-split", action="store_true",
-                   help="measure fused attention projections (GPT-2 c_attn, query_key_value, qkv_proj, "
-                        "Wqkv) whole instead of as their q, k, v parts")
+                   help="measure fused projections whole: attention (GPT-2 c_attn, query_key_value, qkv_proj, "
+                        "Wqkv) instead of as q, k, v; gated MLP (gate_up_proj, dense_h_to_4h) instead of as gate, up")
     p.add_argument("--skip-broken", action="store_true",
                    help="skip broken checkpoints (listed in the report) instead of stopping")
     p.add_argument("--dry-run", action="store_true",
