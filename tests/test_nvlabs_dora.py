@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import wda
-from builders import NVLABS_R as R, dry_run_error, nvlabs_run, plain_reference, save_full, tiny_llama
+from builders import NVLABS_R as R, dry_run_error, merge_eq5, nvlabs_run, plain_reference, save_full, tiny_llama
 
 
 def check(df, run, base_sd, states, rel=1e-4) -> int:
@@ -112,3 +112,45 @@ def test_target_rules():
     assert targets(r".*\.q_proj", "model.layers.0.self_attn.q_proj")
     assert not targets(r"q_proj", "model.layers.0.self_attn.q_proj")  # a string must fullmatch
     assert not targets(None, "q_proj")
+
+
+# ---- fan_in_fan_out: the commonsense fork transposes the update only ----------------------------
+def merge_fifo(w0: torch.Tensor, a, b, m: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The commonsense fork's ``Linear.train(False)`` with fan_in_fan_out, in float64:
+    V = W + s·(B@A)ᵀ with W the nn.Linear weight as stored (out, in), then m · V / ||V|| over dim=1."""
+    v = w0.double() + (b.double() @ a.double()).T * scaling
+    return m.double() / torch.linalg.norm(v, dim=1).unsqueeze(1) * v
+
+
+def test_fan_in_fan_out_transposes_the_update(tmp_path):
+    from builders import NVLABS_ALPHA, write_nvlabs
+
+    model = tiny_llama(layers=2)
+    save_full(model, tmp_path / "base")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(11)
+    mods = [k[:-7] for k in sd if k.endswith(("q_proj.weight", "o_proj.weight"))]  # square (48, 48)
+    factors = {mod: (torch.randn(R, 48, generator=gen) * 0.05, torch.randn(48, R, generator=gen) * 0.05)
+               for mod in mods}
+    mags = {mod: sd[mod + ".weight"].norm(dim=1, keepdim=True) * (1 + 0.05 * torch.randn(48, 1, generator=gen))
+            for mod in mods}
+    write_nvlabs(tmp_path / "fifo" / "checkpoint-5", factors, mags,
+                 {"target_modules": ["q_proj", "o_proj"], "fan_in_fan_out": True})
+    df = wda.analyze(tmp_path, progress=False, dtype="float64")
+    assert set(df.module) == set(mods)
+    for row in df.itertuples():
+        wt = merge_fifo(sd[row.module + ".weight"], *factors[row.module], mags[row.module], NVLABS_ALPHA / R)
+        dm, dd, _ = plain_reference(sd[row.module + ".weight"], wt)
+        assert row.delta_m == pytest.approx(dm, rel=1e-6) and row.delta_d == pytest.approx(dd, rel=1e-6)
+        # and it is not the untransposed merge (the test tells the two apart)
+        plain = merge_eq5(sd[row.module + ".weight"], *factors[row.module], mags[row.module], NVLABS_ALPHA / R)
+        assert abs(plain_reference(sd[row.module + ".weight"], plain)[1] - dd) > 1e-3 * dd
+
+
+def test_fan_in_fan_out_on_a_non_square_module_is_one_line(nvlabs_dir, tmp_path, capsys):
+    d = _copy(nvlabs_dir[0], tmp_path / "d")
+    ck = d / "dora_r4" / "checkpoint-10"
+    _edit_config(ck / "adapter_config.json", fan_in_fan_out=True)  # k_proj / v_proj are (12, 48)
+    dry_run_error(capsys, d, str(ck / "adapter_model.bin"), "k_proj", "not square", "fan_in_fan_out", "(48, 12)")
+    _edit_config(ck / "adapter_config.json", fan_in_fan_out="yes")
+    dry_run_error(capsys, d, str(ck / "adapter_config.json"), "fan_in_fan_out must be true or false")

@@ -14,13 +14,24 @@ On disk (FORMATS.md §1):
   endings (``str.endswith``, no dot boundary).
 - merged weight (Eq. 5): W' = m · V / ‖V‖ per output row, V = W_0 + (lora_alpha / r)·B·A;
   magnitude only: W' = m · W_0 / ‖W_0‖.
+- ``fan_in_fan_out: true`` (the commonsense fork, ``Linear.train(False)``): only the update is
+  transposed, V = W_0 + s·(B·A)ᵀ, W_0 the ``nn.Linear`` weight as stored (out, in) (its
+  ``_replace_module`` puts the original parameter back after ``__init__`` transposed a fresh
+  one), and the norm is still taken over dim=1 of V, one per stored row, as the (out, 1)
+  magnitude is. (B·A)ᵀ is (in, out): the merge exists only for square modules, anything else
+  is an error. The fork wraps only ``nn.Linear`` modules (no ``Conv1D`` branch), and the LLaVA
+  fork resets fan_in_fan_out to false for them, so nothing else is possible. It is read as
+  factors a = Bᵀ, b = Aᵀ (b·a = (B·A)ᵀ), which the analysis merges as any others.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from wda.errors import WdaError
 from wda.formats.base import DORA, AdapterInfo, Checkpoint, TensorInfo
@@ -122,9 +133,11 @@ class NvlabsDora(Checkpoint):
                 raise WdaError(cfg_path, f"incomplete adapter config: {key!r} is missing", _HINT)
         self.r = _positive_int(cfg_path, "r", raw["r"])
         self.scaling = _number(cfg_path, "lora_alpha", raw["lora_alpha"]) / self.r
-        if raw.get("fan_in_fan_out"):
-            raise WdaError(cfg_path, "fan_in_fan_out is not supported yet for the DoRA reference code's format",
-                           "analyse this run with --modules naming nn.Linear modules only, or convert it to PEFT")
+        fifo = raw.get("fan_in_fan_out")
+        if fifo is not None and not isinstance(fifo, bool):
+            raise WdaError(cfg_path, f"invalid adapter config: fan_in_fan_out must be true or false, not "
+                                     f"{short_repr(fifo)}", _HINT)
+        self.transpose_update = bool(fifo)  # V = W_0 + s·(B·A)ᵀ (not ``fan_in_fan_out``: W_0 stays (out, in))
         self.target = _target_rule(cfg_path, "target_modules", raw.get("target_modules"))
         wd_key = next((k for k in ("Wdecompose_target_modules", "wdecompose_target_modules") if k in raw),
                       "Wdecompose_target_modules")
@@ -161,8 +174,22 @@ class NvlabsDora(Checkpoint):
             where = f"{weights.name}" + (f" or {extra.name}" if extra else "")
             raise WdaError(weights, f"holds no lora_A / lora_B / weight_m_wdecomp tensors (looked in {where})",
                            "is this a DoRA checkpoint of the reference code?")
-        return {mod: AdapterInfo(d.get("lora_A"), d.get("lora_B"), d.get("weight_m_wdecomp"), self.r,
-                                 self.scaling, weights) for mod, d in sorted(parts.items())}
+        out = {}
+        for mod, d in sorted(parts.items()):
+            a, b = d.get("lora_A"), d.get("lora_B")
+            if self.transpose_update and a is not None and b is not None:
+                # b·a = Aᵀ·Bᵀ = (B·A)ᵀ: the factors as the merge uses them (read_adapter transposes)
+                a, b = (dataclasses.replace(b, shape=tuple(reversed(b.shape))),
+                        dataclasses.replace(a, shape=tuple(reversed(a.shape))))
+            out[mod] = AdapterInfo(a, b, d.get("weight_m_wdecomp"), self.r, self.scaling, weights)
+        return out
+
+    def read_adapter(self, module: str, alloc=None) -> dict[str, torch.Tensor]:
+        """The factors as the merge uses them: with fan_in_fan_out, a = Bᵀ and b = Aᵀ."""
+        got = super().read_adapter(module, alloc)
+        if self.transpose_update and "a" in got:
+            got["a"], got["b"] = got["a"].t().contiguous(), got["b"].t().contiguous()
+        return got
 
     def check_module(self, module: str) -> None:
         info, where = self.adapters[module], self.source
@@ -174,6 +201,12 @@ class NvlabsDora(Checkpoint):
             raise WdaError(where, f"module {module!r}: weight_m_wdecomp.weight has shape {info.m.shape}, "
                                   f"expected (out, 1)", _INCOMPLETE)
         adapted = targets(self.target, module)
+        if self.transpose_update and info.a is not None and info.a.shape[1] != info.b.shape[0]:
+            out_f, in_f = info.a.shape[1], info.b.shape[0]  # B (out, r) and A (r, in), transposed here
+            raise WdaError(where, f"module {module!r} is not square ((out, in) = ({out_f}, {in_f})) but "
+                                  f"{ADAPTER_CONFIG} says fan_in_fan_out: the reference code's merge adds "
+                                  f"(B·A)ᵀ, of shape ({in_f}, {out_f}), to it, which cannot be formed",
+                           "fan_in_fan_out was set on nn.Linear modules by mistake; the adapter cannot be merged")
         if info.a is None and adapted:
             raise WdaError(where, f"module {module!r} is in target_modules but has no lora_A / lora_B", _INCOMPLETE)
         if info.a is None and not targets(self.magnitude_only, module):
