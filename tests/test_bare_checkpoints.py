@@ -172,3 +172,18 @@ def test_a_broken_bare_adapter_among_others(released, tmp_path, capsys):
                   "--skip-broken", "--no-figures")
     assert rc == 0 and "skipped" in err, err
     assert set(pd.read_csv(tmp_path / "o" / "metrics.csv")["run"]) == {"dora_r4"}
+
+
+def test_full_weights_beside_the_runs_are_not_a_run(released, tmp_path):
+    """A model folder beside the runs (a teacher, a merged model) is noted, not measured;
+    given with --run it is a run."""
+    d, base_sd, refs = released
+    root = tmp_path / "runs"
+    shutil.copytree(d / "LLama-7B" / "dora_r4", root / "dora_r4")
+    shutil.copytree(d / "llama-base", root / "base")
+    shutil.copytree(d / "llama-base", root / "teacher")
+    layout = wda.analysis.engine.AnalysisOptions().discover(root)
+    assert [r.name for r in layout.runs] == ["dora_r4"]
+    assert any("teacher: ignored (full weights" in n and "--run" in n for n in layout.notes)
+    df = wda.analyze(root, runs={"teacher": root / "teacher"}, progress=False)
+    assert set(df["run"]) == {"dora_r4", "teacher"} and (df[df.run == "teacher"]["delta_m"] == 0).all()

@@ -165,16 +165,23 @@ def _find_runs(root: Path, exclude: set[Path]) -> tuple[list[RawRun], list[str],
         problems += bad
         if steps:
             runs.append((d.name, d, steps))
-        elif not bad and is_checkpoint(d):  # a run that is one checkpoint (a final adapter)
+        elif bad:
+            continue
+        elif is_checkpoint(d, adapters_only=True):  # a run that is one checkpoint (a final adapter)
             runs.append((d.name, d, {checkpoint_step(d): d}))
-        elif not bad:
+        elif is_checkpoint(d):  # a model beside the runs (a teacher, a merged model): not a run unless asked
+            notes.append(f"{d}: ignored (full weights but no {CHECKPOINT_PREFIX}<step> folders; give it with "
+                         f"--run NAME=PATH to analyse it as a run)")
+        else:
             notes.append(f"{d}: ignored (no {CHECKPOINT_PREFIX}<step> folders, no checkpoint)")
     return runs, notes, problems
 
 
-def is_checkpoint(d: Path) -> bool:
-    """``d`` holds one checkpoint's files itself: a format reads it (names only)."""
-    return any(f.detect(d) for f in formats())
+def is_checkpoint(d: Path, adapters_only: bool = False) -> bool:
+    """``d`` holds one checkpoint's files itself: a format reads it (names only); with
+    ``adapters_only``, an adapter format (full weights beside the runs are not a run)."""
+    fmt = next((f for f in formats() if f.detect(d)), None)
+    return fmt is not None and (fmt.adapter_format or not adapters_only)
 
 
 def checkpoint_step(d: Path) -> int:

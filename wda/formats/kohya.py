@@ -84,6 +84,7 @@ class KohyaLora(Checkpoint):
     format = "kohya-ss / LyCORIS LoRA"
     priority = 30  # a named file in a folder: before full weights (which take any .safetensors file)
     expects = "a kohya-ss / LyCORIS LoRA .safetensors file (lora_unet_* / lora_te_* keys)"
+    adapter_format = True
 
     @classmethod
     def detect(cls, path: Path) -> bool:

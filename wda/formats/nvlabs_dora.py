@@ -112,6 +112,7 @@ class NvlabsDora(Checkpoint):
     format = "DoRA reference code (NVlabs)"
     priority = 10  # before PEFT adapters: both have adapter_config.json
     expects = f"{ADAPTER_CONFIG} (peft_type DORA) + {ADAPTER_BIN}"
+    adapter_format = True
 
     @classmethod
     def detect(cls, path: Path) -> bool:

@@ -213,6 +213,7 @@ class PeftAdapter(Checkpoint):
     format = "PEFT adapter"
     priority = 20
     expects = f"{ADAPTER_CONFIG} + {ADAPTER_SAFETENSORS}"
+    adapter_format = True
 
     @classmethod
     def detect(cls, path: Path) -> bool:
