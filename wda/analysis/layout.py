@@ -2,7 +2,7 @@
 
     CKPT_DIR/base/                      W_0 (full weights), or --base (a folder, a file, a hub id)
     CKPT_DIR/<run>/checkpoint-<step>/   full weights or an adapter, any number of runs
-    CKPT_DIR/<run>/                     or a run that is one checkpoint itself (a final adapter)
+    CKPT_DIR/<run>/                     or a run that is one adapter itself (a final adapter)
     CKPT_DIR/checkpoint-<step>/         or CKPT_DIR is one run (a Trainer output_dir)
     CKPT_DIR/ = one checkpoint          or CKPT_DIR is one checkpoint (save_pretrained output)
     --run NAME=PATH                     or runs given one by one (either kind)
@@ -10,6 +10,8 @@
 A folder that is itself a checkpoint (adapter_config.json + adapter_model.*, full weights, ...)
 is a run of one checkpoint: its step is the N of a ``checkpoint-N`` name, else the
 ``global_step`` of a trainer_state.json beside it, else not recorded (``UNKNOWN_STEP``).
+Beside other runs in CKPT_DIR only adapter folders count so; a model's full weights there (a
+teacher, a merged model) are a run only when given with ``--run``.
 
 The method of a run is read from its files, never from its folder name. Everything here
 reads headers only; no tensor data is loaded.
