@@ -66,12 +66,16 @@ class Checkpoint:
 
     Class attributes a format sets: ``format`` (a short label), ``priority`` (detection
     order, lower first: a format whose folders another format would also accept comes
-    first) and ``expects`` (the files it looks for, named when no format fits a folder).
+    first), ``expects`` (the files it looks for, named when no format fits a folder) and
+    ``adapter_format`` (True for adapter files, False for a model's full weights).
     """
 
     format = "checkpoint"
     priority = 50
     expects = ""
+    # an adapter format (what a fine-tuning run alone makes), not a model's full weights: a
+    # folder of it beside the runs of CKPT_DIR is a run of one checkpoint itself
+    adapter_format = False
 
     @classmethod
     def detect(cls, path: Path) -> bool:
