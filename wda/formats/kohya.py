@@ -68,12 +68,26 @@ def _kohya_keys(path: Path) -> list[str] | None:
     """The tensor names of a safetensors file if they are kohya's, else None (headers only)."""
     from safetensors import safe_open
 
+    if not _may_be_kohya(path):  # the usual case, a model's own weights: no key list made
+        return None
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
     except Exception:  # not ours to judge: another format (or the error) will speak
         return None
     return keys if keys and all(_is_kohya_key(k) for k in keys) else None
+
+
+def _may_be_kohya(path: Path) -> bool:
+    """Whether the raw header of a safetensors file names any key with a kohya prefix (a
+    quick test before the keys are listed; unreadable headers pass, to be judged there)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            raw = f.read(min(n, 100_000_000))
+    except OSError:
+        return True
+    return any(f'"{p}_'.encode() in raw for p in PREFIXES)
 
 
 def _files(path: Path) -> list[Path]:
