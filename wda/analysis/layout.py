@@ -599,7 +599,8 @@ def _split_fused(infos: list[ModuleInfo], config: dict | None, config_path: Path
             kinds = ", ".join(_fused_kinds(config, m.name, in_proj))
             if m.name in in_proj:
                 raise WdaError(in_proj[m.name], f"cannot split {m.name!r} into {kinds}: {exc}",
-                               "was this checkpoint saved from an OpenCLIP / MultiheadAttention model?") from None
+                               "was it saved from an OpenCLIP / MultiheadAttention model? --no-split measures "
+                               "it whole (not for adapters on its q, k, v)") from None
             raise WdaError(config_path, f"cannot split {m.name!r} into {kinds}: {exc}",
                            "fix config.json, or pass --no-split to measure the fused matrix whole") from None
         if parts is None:
