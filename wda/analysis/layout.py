@@ -25,12 +25,12 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from wda.formats import METHOD_ORDER, Checkpoint, TensorInfo, formats, open_checkpoint
-from wda.formats.base import CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, MODEL_CONFIG
+from wda.formats.base import CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, IN_PROJ, IN_PROJ_SUFFIX, MODEL_CONFIG
 from wda.formats.peft import ADAPTER_CONFIG
 from wda.errors import WdaError
 from wda.formats import fused_mlp, fused_qkv
@@ -91,6 +91,12 @@ class Run:
     adapter_names: dict[str, str] = field(default_factory=dict)
     # step -> train_loss / learning_rate / epoch logged nearest it (trainer_state.json)
     train_log: dict[int, dict[str, float | None]] = field(default_factory=dict)
+
+    def adapts_fused(self, m: ModuleInfo) -> bool:
+        """Whether this run's adapter of ``m``, a part of a fused projection, is on the whole fused
+        module (its B and magnitude hold every row of it; ``m``'s rows are selected), not on the
+        part alone (kohya's ``q_proj`` of an OpenCLIP ``in_proj``: they hold the part's rows only)."""
+        return m.part is not None and m.part.module in self.adapter_names
 
 
 @dataclass
@@ -469,9 +475,10 @@ def discover(ckpt_dir: str | Path | None, base: str | Path | None = None,
 
     transposed = _transposed_modules(base_ck, runs, opened, base_mods, fan_in_fan_out)
     config = base_ck.config() if split_fused else None  # tells how fused q/k/v are laid out
-    infos = _select_modules(base_mods, runs, modules, base_ck, transposed, config)
+    in_proj = _in_proj_modules(base_ck, base_mods, runs, split_fused)
+    infos = _select_modules(base_mods, runs, modules, base_ck, transposed, config, in_proj)
     base_folder = base_ck.path if base_ck.path.is_dir() else base_ck.path.parent
-    infos = _split_fused(infos, config, base_folder / MODEL_CONFIG, modules, runs)
+    infos = _split_fused(infos, config, base_folder / MODEL_CONFIG, modules, runs, in_proj)
     for m in infos:
         _check_dtype(base_ck.weights[m.tensor])
     layout = Layout(root, base_path, runs, infos, skipped, notes)
@@ -541,37 +548,59 @@ def _transposed_modules(base: Checkpoint, runs: list[Run], opened: dict[Path, Ch
     return out
 
 
-def _fused_kinds(config: dict | None, name: str) -> tuple[str, ...]:
+def _in_proj_modules(base: Checkpoint, base_mods: dict, runs: list[Run], split: bool) -> dict[str, Path]:
+    """The base's torch.nn.MultiheadAttention fused q/k/v (``<attn>.in_proj_weight``, the module
+    ``<attn>.in_proj``) -> the file holding it: split by their own layout, no config needed. With
+    ``split`` off only those whose parts are adapted (an adapter on a part has no whole to measure)."""
+    out = {}
+    for b in base_mods:
+        if b.endswith(IN_PROJ) and base.weights[b].key.endswith(IN_PROJ_SUFFIX):
+            if split or any(f"{b}.{k}" in r.adapter_names for r in runs for k in fused_qkv.PARTS):
+                out[b] = base.weights[b].file
+    return out
+
+
+def _fused_kinds(config: dict | None, name: str, in_proj: Collection[str] = ()) -> tuple[str, ...]:
     """The parts a fused projection is split into: q, k, v (attention) or gate, up (MLP)."""
-    if fused_qkv.is_fused(config, name):
+    if fused_qkv.is_fused(config, name) or name in in_proj:
         return fused_qkv.PARTS
     return fused_mlp.PARTS if fused_mlp.is_fused(config, name) else ()
 
 
-def _fused_parts(config: dict | None, name: str, out_features: int) -> list[fused_qkv.FusedPart] | None:
-    return fused_qkv.fused_parts(config, name, out_features) or fused_mlp.fused_parts(config, name, out_features)
+def _fused_parts(config: dict | None, m: ModuleInfo, in_proj: Collection[str]) -> list[fused_qkv.FusedPart] | None:
+    if m.name in in_proj:
+        return fused_qkv.in_proj_parts(m.name, m.out_features, m.in_features)
+    return (fused_qkv.fused_parts(config, m.name, m.out_features)
+            or fused_mlp.fused_parts(config, m.name, m.out_features))
 
 
-def _matches_module(name: str, pat: str, config: dict | None) -> bool:
+def _matches_module(name: str, pat: str, config: dict | None, in_proj: Collection[str] = ()) -> bool:
     """``pat`` names this module, or one of its parts if it is a fused projection."""
     if matches(name, pat):
         return True
-    return any(matches(f"{name}.{k}", pat) for k in _fused_kinds(config, name))
+    return any(matches(f"{name}.{k}", pat) for k in _fused_kinds(config, name, in_proj))
 
 
 def _split_fused(infos: list[ModuleInfo], config: dict | None, config_path: Path,
-                 patterns: list[str] | None, runs: list[Run]) -> list[ModuleInfo]:
+                 patterns: list[str] | None, runs: list[Run], in_proj: dict[str, Path] | None = None
+                 ) -> list[ModuleInfo]:
     """Fused projections replaced by their parts: attention ``c_attn`` -> ``c_attn.q``,
     ``c_attn.k``, ``c_attn.v`` (all three when asked for by name or adapted, else, the
     default query/value choice, q and v); gated MLP ``gate_up_proj`` -> ``gate_up_proj.gate``,
-    ``gate_up_proj.up``. Adapter runs of the fused module measure each part."""
+    ``gate_up_proj.up``; a MultiheadAttention ``in_proj`` -> ``in_proj.q``, ``.k``, ``.v``.
+    Adapter runs of the fused module measure each part; adapters on parts alone, their parts."""
     out: list[ModuleInfo] = []
+    in_proj = in_proj or {}
     adapted = {b for r in runs for b in r.adapter_names}
     for m in infos:
         try:
-            parts = _fused_parts(config, m.name, m.out_features)
+            parts = _fused_parts(config, m, in_proj)
         except fused_qkv.FusedLayoutError as exc:
-            kinds = ", ".join(_fused_kinds(config, m.name))
+            kinds = ", ".join(_fused_kinds(config, m.name, in_proj))
+            if m.name in in_proj:
+                raise WdaError(in_proj[m.name], f"cannot split {m.name!r} into {kinds}: {exc}",
+                               "was it saved from an OpenCLIP / MultiheadAttention model? --no-split measures "
+                               "it whole (not for adapters on its q, k, v)") from None
             raise WdaError(config_path, f"cannot split {m.name!r} into {kinds}: {exc}",
                            "fix config.json, or pass --no-split to measure the fused matrix whole") from None
         if parts is None:
@@ -580,7 +609,9 @@ def _split_fused(infos: list[ModuleInfo], config: dict | None, config_path: Path
         if patterns:
             parts = [p for p in parts if any(matches(m.name, pat) or matches(p.name, pat) for pat in patterns)]
         elif m.name not in adapted:
-            parts = [p for p in parts if p.kind != "k"]  # the default query/value choice: no keys
+            # the parts adapted alone (kohya's q_proj / k_proj / v_proj of an in_proj), else the
+            # default query/value choice: no keys
+            parts = [p for p in parts if p.name in adapted] or [p for p in parts if p.kind != "k"]
         for p in parts:
             out.append(dataclasses.replace(m, name=p.name, out_features=len(p.rows),
                                            matrix=f"{m.matrix}.{p.kind}", part=p))
@@ -591,17 +622,19 @@ def _split_fused(infos: list[ModuleInfo], config: dict | None, config_path: Path
 
 
 def _select_modules(base_mods: dict, runs: list[Run], patterns: list[str] | None,
-                    base: Checkpoint, transposed: set[str], config: dict | None = None) -> list[ModuleInfo]:
+                    base: Checkpoint, transposed: set[str], config: dict | None = None,
+                    in_proj: Collection[str] = ()) -> list[ModuleInfo]:
     names: list[str]
     if patterns:
         names = []
         for pat in patterns:
-            hit = [b for b in base_mods if _matches_module(b, pat, config)]
+            hit = [b for b in base_mods if _matches_module(b, pat, config, in_proj)]
             if not hit:
                 raise _no_match(pat, base_mods, base.source)
             names += [h for h in hit if h not in names]
     else:
-        names = sorted({b for r in runs for b in r.adapter_names})
+        # an adapter on a part of a fused in_proj (``<attn>.in_proj.q``) selects the fused module
+        names = sorted({_fused_of(b, base_mods, in_proj) for r in runs for b in r.adapter_names})
         if not names:
             targets = GPT2_DEFAULT_TARGETS if base.model_type() in CONV1D_MODEL_TYPES else DEFAULT_TARGETS
             names = [b for b in base_mods if any(b.endswith("." + t) or b == t for t in targets)
@@ -616,6 +649,13 @@ def _select_modules(base_mods: dict, runs: list[Run], patterns: list[str] | None
         layer, matrix, stack = parse_name(n)
         infos.append(ModuleInfo(n, out_f, in_f, n in transposed, layer, matrix, stack))
     return sorted(infos, key=lambda m: (m.matrix, m.stack, m.layer, m.name))
+
+
+def _fused_of(name: str, base_mods: dict, in_proj: Collection[str]) -> str:
+    """The base module an adapted name selects: itself, or for a part of a fused ``in_proj``
+    (``<attn>.in_proj.q``) the fused module."""
+    fused, _, kind = name.rpartition(".")
+    return fused if name not in base_mods and fused in in_proj and kind in fused_qkv.PARTS else name
 
 
 def _no_match(pat: str, base_mods: dict, where: Path) -> WdaError:
@@ -676,6 +716,8 @@ def _part(t: TensorInfo, module: str) -> str:
 
 def _check_module(ck: Checkpoint, m: ModuleInfo, run: Run) -> None:
     out_f, in_f = m.stored_shape
+    if ck.is_adapter and m.part is not None and not run.adapts_fused(m):
+        out_f = m.out_features  # an adapter on the part alone: its rows only
     if not ck.is_adapter:
         t = ck.weights.get(m.tensor)
         if t is None:

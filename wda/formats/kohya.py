@@ -11,7 +11,12 @@ On disk (FORMATS.md §3):
   ``text_encoder.`` / ``text_encoder_2.``) or original Stable Diffusion names
   (``model.diffusion_model.``, ``cond_stage_model.transformer.``, SDXL
   ``conditioner.embedders.0.transformer.``). An SD 1.x / 2.x U-Net LoRA (diffusers names)
-  matches an original checkpoint through diffusers' own renaming (``sd_unet_names``).
+  matches an original checkpoint through diffusers' own renaming (``sd_unet_names``); a
+  text-encoder LoRA of SD 2.x (``lora_te_``) or SDXL's second encoder (``lora_te2_``), named after
+  transformers' CLIP, matches the OpenCLIP weights of an original checkpoint
+  (``cond_stage_model.model.`` / ``conditioner.embedders.1.model.``) through
+  ``open_clip_names``: its q/k/v modules are the q, k, v parts (``<attn>.in_proj.q``) of the
+  fused ``in_proj_weight``, their adapters holding the part's rows only.
 - ``<name>.lora_down.weight`` (r, in[, kh, kw]), ``<name>.lora_up.weight`` (out, r[, 1, 1]),
   ``<name>.alpha`` (a scalar; missing or 0 means alpha = r): ΔW = (alpha / r)·up·down, conv
   factors flattened to 2-D and multiplied (LoCon), the weight flattened the same way
@@ -34,7 +39,7 @@ from pathlib import Path
 import torch
 
 from wda.errors import WdaError
-from wda.formats import sd_unet_names
+from wda.formats import open_clip_names, sd_unet_names
 from wda.formats.base import DORA, LORA, AdapterInfo, Checkpoint, TensorInfo
 from wda.formats.tensors import Alloc
 
@@ -201,6 +206,11 @@ class KohyaLora(Checkpoint):
                 alt = sd_unet_names.to_diffusers(mod[len(LDM_UNET):], layers)
                 if alt is not None:
                     forward.setdefault(kohya_name(alt, "lora_unet"), []).append(mod)
+            for base_prefix, prefix in open_clip_names.PREFIXES:
+                # an OpenCLIP text encoder's modules (q/k/v: parts of in_proj) after transformers' CLIP
+                if mod.startswith(base_prefix):
+                    for hf, target in open_clip_names.to_hf(mod[len(base_prefix):]).items():
+                        forward.setdefault(kohya_name(hf, prefix), []).append(base_prefix + target)
         out = {}
         for name in self.adapters:
             hits = sorted(set(forward.get(name, ())))
