@@ -39,7 +39,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wda import __version__
-from wda.train.adapt import AdapterSpec, adapter_parameters, add_adapters, matches, save_adapter
+from wda.train.adapt import (AdapterSpec, adapter_parameters, add_adapters, matches,
+                             norm_bias_parameters, save_adapter, save_norms_biases)
 from wda.train.corpus import CORPORA, Corpus, eval_windows, load_corpus, random_batch
 from wda.train.model import ModelConfig, Transformer
 
@@ -104,6 +105,9 @@ class TrainConfig:
     dora_lr: float = 1e-3
     dora_magnitude_lr_mult: float = 1.0
     ft_only_targets: bool = False  # FT trains only the target modules (default: everything)
+    # LoRA/DoRA also train every norm weight and bias (the paper's VL-BART recipe); FT trains
+    # them anyway
+    train_norms_biases: bool = False
     # adapters
     rank: int = 8
     alpha: float = 16.0
@@ -432,6 +436,12 @@ def param_groups(cfg: TrainConfig, method: str,
         # Own group so dora_magnitude_lr_mult applies; a magnitude is a vector: no decay.
         groups.append({"params": list(mags.values()), "lr": lr * cfg.dora_magnitude_lr_mult,
                        "weight_decay": 0.0})
+    if cfg.train_norms_biases:
+        extra = norm_bias_parameters(model)
+        for p in extra.values():
+            p.requires_grad_(True)
+        if extra:
+            groups.append({"params": list(extra.values()), "lr": lr, "weight_decay": 0.0})
     return groups, spec, modules
 
 
@@ -474,6 +484,8 @@ def finetune(cfg: TrainConfig, method: str, base: Transformer, corpora: Corpora,
                           metadata={"format": "pt"})
             else:
                 save_adapter(model, ckpt, spec)
+                if cfg.train_norms_biases:
+                    save_norms_biases(model, ckpt)
 
     hist = train_loop(
         model, groups, corpora.downstream.train, steps=cfg.steps, batch_size=cfg.batch_size,
@@ -577,6 +589,8 @@ HELP = {
     "lora_lr": "peak lr of LoRA", "dora_lr": "peak lr of DoRA's A and B",
     "dora_magnitude_lr_mult": "DoRA magnitude lr = dora_lr * this",
     "ft_only_targets": "FT trains only the --targets modules (default: all weights)",
+    "train_norms_biases": "LoRA/DoRA also train all norm weights and biases (no decay, the "
+                          "adapter lr); saved beside each adapter as norms_biases.safetensors",
     "rank": "adapter rank r", "alpha": "adapter alpha (scaling alpha/r)",
     "use_rslora": "scaling alpha/sqrt(r)", "targets": "modules to adapt: name suffixes or regexes",
     "dora_detach_norm": "treat ||W0 + sBA|| as a constant in backprop (paper Sec. 4.3)",
