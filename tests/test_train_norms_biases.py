@@ -112,3 +112,22 @@ def test_driver_summary_of_a_run(run) -> None:
         assert parts == pytest.approx(row["pearson_r"], abs=1e-9)
         assert row["r_radial"] + row["r_tangential"] == pytest.approx(row["pearson_r"], abs=1e-9)
         assert row["s_mean_cv"] == pytest.approx(np.std(g["s_mean"]) / np.mean(g["s_mean"]))
+
+
+def test_sgd_fine_tuning_steps_by_lr_times_gradient(tmp_path) -> None:
+    """optimizer="sgd", one step, no momentum, no clipping: W_1 = W_0 − lr·∇L(W_0) exactly."""
+    cfg = tiny(tmp_path, optimizer="sgd", beta1=0.0, grad_clip=0.0, steps=1, checkpoints="1",
+               ft_lr=0.5, methods=("ft",), track_every=0)
+    corpora = T.load_corpora(cfg)
+    torch.manual_seed(0)
+    base = Transformer(cfg.model_config())
+    model, _ = T.finetune(cfg, "ft", base, corpora)
+    x, y = T.random_batch(corpora.downstream.train, cfg.batch_size, cfg.seq_len,
+                          torch.Generator().manual_seed(cfg.seed))
+    ref = Transformer(base.cfg)
+    ref.load_state_dict(base.state_dict())
+    ref.loss(x, y).backward()
+    for (k, p0), (_, p1) in zip(ref.named_parameters(), model.named_parameters()):
+        torch.testing.assert_close(p1.detach(), p0.detach() - 0.5 * p0.grad, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="optimizer"):
+        tiny(tmp_path, optimizer="adam")

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("ft", "lora", "dora")
 SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "sgd")
 CACHE_FORMAT = 1  # bump when the pretraining code changes what a cached base contains
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -96,6 +97,7 @@ class TrainConfig:
     warmup: int = 0
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # fine-tuning; "sgd": SGD with momentum beta1 (pretraining: AdamW)
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -137,6 +139,8 @@ class TrainConfig:
         for name in ("schedule", "pretrain_schedule"):
             if getattr(self, name) not in SCHEDULES:
                 raise ValueError(f"{name} must be one of {SCHEDULES}, not {getattr(self, name)!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
         for name in ("pretrain_corpus", "downstream_corpus"):
             if getattr(self, name) not in CORPORA:
                 raise ValueError(f"{name} must be one of {sorted(CORPORA)}, not {getattr(self, name)!r}")
@@ -239,8 +243,10 @@ def train_loop(model: Transformer, groups: list[dict], data: torch.Tensor, *, st
                grad_clip: float, evals: Sequence[EvalSet], eval_every: int, log_every: int,
                save_at: Sequence[int] = (), save: Callable[[int], None] | None = None,
                on_step: Callable[[int], None] | None = None, tag: str = "train",
-               loss_fn: LossFn | None = None) -> dict[str, Any]:
+               loss_fn: LossFn | None = None, optimizer: str = "adamw") -> dict[str, Any]:
     """AdamW on ``groups`` for ``steps`` updates; evaluate, log and save along the way.
+    ``optimizer="sgd"``: ``torch.optim.SGD`` with momentum ``betas[0]`` instead (its weight
+    decay is L2, added to the gradient); ``eps`` and ``betas[1]`` are then unused.
 
     ``loss_fn(model, x, y)`` is the training objective (default: next-byte cross entropy,
     ``model.loss``); the evaluations always report ``model.loss`` on ``evals``.
@@ -249,7 +255,12 @@ def train_loop(model: Transformer, groups: list[dict], data: torch.Tensor, *, st
     0, every ``eval_every`` steps, at every saved step and at the end). ``on_step(done)`` runs
     after every update (the tracker).
     """
-    opt = torch.optim.AdamW(groups, betas=betas, eps=eps)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, betas=betas, eps=eps)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(groups, momentum=betas[0])
+    else:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {optimizer!r}")
     peak = [g["lr"] for g in opt.param_groups]
     params = [p for g in groups for p in g["params"]]
     save_at = set(save_at)
@@ -493,7 +504,8 @@ def finetune(cfg: TrainConfig, method: str, base: Transformer, corpora: Corpora,
         min_lr_ratio=cfg.min_lr_ratio, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         grad_clip=cfg.grad_clip, evals=eval_sets(cfg, corpora), eval_every=cfg.eval_every,
         log_every=cfg.log_every, save_at=save_at, save=save,
-        on_step=tracker.step if tracker is not None else None, tag=method, loss_fn=loss_fn)
+        on_step=tracker.step if tracker is not None else None, tag=method, loss_fn=loss_fn,
+        optimizer=cfg.optimizer)
     model.eval()
     hist |= {"method": method, "trainable_params": n_trainable, "modules": modules,
              "checkpoint_steps": save_at, "peak_lr": [g["lr"] for g in groups]}
@@ -572,7 +584,8 @@ HELP = {
     "pretrain_lr": "peak pretraining lr", "pretrain_min_lr_ratio": "final lr / peak lr",
     "pretrain_warmup": "pretraining warmup steps", "pretrain_weight_decay": "AdamW decay on matrices",
     "pretrain_beta2": "AdamW beta2 of pretraining", "pretrain_grad_clip": "max grad norm (0: off)",
-    "batch_size": "fine-tuning batch size", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
+    "batch_size": "fine-tuning batch size", "beta1": "AdamW beta1 (SGD: the momentum)",
+    "optimizer": f"fine-tuning optimizer, one of {OPTIMIZERS} (pretraining: AdamW)", "beta2": "AdamW beta2",
     "eps": "AdamW eps", "lora_dropout": "dropout on the adapter input",
     "pretrain_corpus": f"one of {sorted(CORPORA)}", "downstream_corpus": f"one of {sorted(CORPORA)}",
     "pretrain_max_bytes": "cap on the corpus size ('none': all of it)",
