@@ -131,3 +131,17 @@ def test_sgd_fine_tuning_steps_by_lr_times_gradient(tmp_path) -> None:
         torch.testing.assert_close(p1.detach(), p0.detach() - 0.5 * p0.grad, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="optimizer"):
         tiny(tmp_path, optimizer="adam")
+
+
+def test_base_dir_is_used_instead_of_pretraining(run, tmp_path) -> None:
+    cfg, out = run
+    sub = dataclasses.replace(cfg, out=str(tmp_path / "o"), cache_dir=str(tmp_path / "empty"),
+                              base_dir=str(out / "base"), pretrain_seed=7, methods=("ft",),
+                              steps=2, checkpoints="1")
+    got = T.train_all(sub)
+    assert (got / "base" / "model.safetensors").read_bytes() == (out / "base" / "model.safetensors").read_bytes()
+    assert not (tmp_path / "empty").exists()  # nothing pretrained, nothing cached
+    with pytest.raises(ValueError, match="config.json"):
+        T.train_all(dataclasses.replace(sub, d_model=16, n_heads=2, overwrite=True))
+    with pytest.raises(ValueError, match="no saved base"):
+        T.train_all(dataclasses.replace(sub, base_dir=str(tmp_path), overwrite=True))

@@ -126,6 +126,7 @@ class TrainConfig:
     eval_every: int = 50
     log_every: int = 50
     cache_dir: str | None = None  # None: $WDA_CACHE_DIR or ~/.cache/wda
+    base_dir: str | None = None  # a saved base (model.safetensors + config.json): no pretraining
     use_cache: bool = True
     overwrite: bool = False
 
@@ -388,8 +389,26 @@ def load_base(base_dir: str | Path) -> Transformer:
     return model.eval()
 
 
+def given_base(cfg: TrainConfig) -> tuple[Transformer, dict[str, Any]]:
+    """The base saved in ``cfg.base_dir`` and the pretraining log beside it (if any); its
+    shape must be ``cfg``'s (a mismatch is refused, not silently used)."""
+    d = Path(cfg.base_dir)
+    if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+        raise ValueError(f"{d}: no saved base here (needs model.safetensors and config.json)")
+    model = load_base(d)
+    if model.cfg != cfg.model_config():
+        raise ValueError(f"{d}/config.json: the base is {asdict(model.cfg)}, the options ask "
+                         f"for {asdict(cfg.model_config())}")
+    log_path = d / "pretrain_log.json"
+    hist = json.loads(log_path.read_text()) if log_path.is_file() else {"eval": []}
+    return model, hist | {"cached": True, "cache_path": str(d), "base_dir": str(d)}
+
+
 def load_or_pretrain(cfg: TrainConfig, corpora: Corpora) -> tuple[Transformer, dict[str, Any]]:
-    """The pretrained base: from the cache when present, else trained and cached atomically."""
+    """The pretrained base: ``cfg.base_dir`` if given, else from the cache when present,
+    else trained and cached atomically."""
+    if cfg.base_dir is not None:
+        return given_base(cfg)
     key = cache_key(cfg, corpora)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     entry = cache / f"base-{key}"
@@ -616,6 +635,8 @@ HELP = {
     "only at start, checkpoints and end)", "log_every": "log a line every K steps (0: off)",
     "cache_dir": "pretrained-base cache (None: $WDA_CACHE_DIR or ~/.cache/wda)",
     "use_cache": "load / store the pretrained base in the cache",
+    "base_dir": "use this saved base (model.safetensors + config.json, e.g. a run's base/) "
+                "instead of pretraining; the model shape options must match its config.json",
     "overwrite": "replace existing base/ and run folders in --out",
 }
 
@@ -635,7 +656,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=_csv, metavar="A,B", **kw)
         elif f.name in ("pretrain_max_bytes", "downstream_max_bytes", "pretrain_seed"):
             p.add_argument(flag, type=_int_or_none, **kw)
-        elif f.name == "cache_dir":
+        elif f.name in ("cache_dir", "base_dir"):
             p.add_argument(flag, type=str, **kw)
         else:
             p.add_argument(flag, type=type(default), **kw)
@@ -661,8 +682,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     record = json.loads((out / "train_log.json").read_text())
     pre = record["pretrain"]
-    print(f"base: pretrain loss {pre['eval'][0]['pretrain_val']:.3f} -> "
-          f"{pre['eval'][-1]['pretrain_val']:.3f}" + (" (cached)" if pre["cached"] else ""))
+    if pre.get("eval"):
+        print(f"base: pretrain loss {pre['eval'][0]['pretrain_val']:.3f} -> "
+              f"{pre['eval'][-1]['pretrain_val']:.3f}" + (" (cached)" if pre["cached"] else ""))
+    else:
+        print(f"base: {pre['cache_path']}")
     for m, h in record["runs"].items():
         a, b = h["eval"][0], h["eval"][-1]
         print(f"{m:5s} downstream val {a['downstream_val']:.3f} -> {b['downstream_val']:.3f}, "
