@@ -7,6 +7,7 @@ can compute independent float64 references.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -204,3 +205,67 @@ def dry_run_error(capsys, d: Path, *words: str) -> str:
 
     rc = main([str(d), "--dry-run"])
     return one_line_error(rc, capsys.readouterr().err, *words)
+
+
+# ---- the DoRA reference code's format (NVlabs/DoRA's PEFT fork, FORMATS.md §1) ----------------
+NVLABS_R, NVLABS_ALPHA = 4, 8
+
+
+def write_nvlabs(ck: Path, factors: dict, magnitudes: dict, config: dict, llava: bool = False) -> None:
+    """One checkpoint as the fork saves it: ``adapter_config.json`` (sorted keys, indent 2),
+    ``adapter_model.bin`` (torch pickle) keyed ``base_model.model.<module>.lora_A.weight`` etc.
+    ``llava``: the magnitudes go to ``non_lora_trainables.bin`` under ``.default`` names, as the
+    LLaVA script's filter (it keeps "weight_g_wdecomp", not the parameter's real name) leaves them."""
+    ck.mkdir(parents=True)
+    cfg = {"peft_type": "DORA", "task_type": "CAUSAL_LM", "r": NVLABS_R, "lora_alpha": NVLABS_ALPHA,
+           "lora_dropout": 0.05,
+           "dora_simple": True, "merge_weights": False, "fan_in_fan_out": False, "enable_lora": None,
+           "bias": "none", "modules_to_save": None, "inference_mode": True,
+           "base_model_name_or_path": "yahma/llama-7b-hf", **config}
+    (ck / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    sd, extra = {}, {}
+    for mod, (a, b) in factors.items():
+        sd[f"base_model.model.{mod}.lora_A.weight"] = a
+        sd[f"base_model.model.{mod}.lora_B.weight"] = b
+    for mod, m in magnitudes.items():
+        if llava:
+            extra[f"base_model.model.{mod}.weight_m_wdecomp.default.weight"] = m
+        else:
+            sd[f"base_model.model.{mod}.weight_m_wdecomp.weight"] = m
+    torch.save(sd, ck / "adapter_model.bin")
+    if llava:
+        extra["base_model.model.model.mm_projector.0.weight"] = torch.zeros(3, 3)  # other trainables
+        torch.save(extra, ck / "non_lora_trainables.bin")
+
+
+def merge_eq5(w0: torch.Tensor, a, b, m: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Eq. 5 of the paper in float64: m · V / ||V|| per output row, V = W_0 + s·B·A (or W_0)."""
+    v = w0.double() if a is None else w0.double() + scaling * (b.double() @ a.double())
+    return m.double().reshape(-1, 1) * v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+
+
+def nvlabs_run(d: Path, model, steps=(10, 20), seed=4, llava=False, config=None, scale=0.05,
+               r: int = NVLABS_R, alpha: float = NVLABS_ALPHA, bare: bool = False):
+    """A run of DoRA on q/k/v and magnitude-only o_proj/up_proj (the paper's qkv script's
+    split), with trained-looking A, B and m, rank ``r``. ``bare``: one checkpoint written into
+    ``d`` itself (as the released weights are, no checkpoint-<step>/), else one
+    ``d/checkpoint-<step>/`` per step. Returns {step: {module: merged float64 weight}}."""
+    config = {**(config or {"target_modules": ["q_proj", "k_proj", "v_proj"],
+                            "Wdecompose_target_modules": ["o_proj", "up_proj"]}), "r": r, "lora_alpha": alpha}
+    assert not bare or len(steps) == 1
+    gen = torch.Generator().manual_seed(seed)
+    sd = model.state_dict()
+    mods = [k[:-7] for k in sd if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))]
+    mag_only = [k[:-7] for k in sd if k.endswith(("o_proj.weight", "up_proj.weight"))]
+    out = {}
+    for step in steps:
+        factors = {mod: (torch.randn(r, sd[mod + ".weight"].shape[1], generator=gen) * scale,
+                         torch.randn(sd[mod + ".weight"].shape[0], r, generator=gen) * scale) for mod in mods}
+        mags = {}
+        for mod in mods + mag_only:
+            w0 = sd[mod + ".weight"]
+            mags[mod] = (w0.norm(dim=1, keepdim=True) * (1 + 0.05 * torch.randn(w0.shape[0], 1, generator=gen)))
+        write_nvlabs(d if bare else d / f"checkpoint-{step}", factors, mags, config, llava=llava)
+        out[step] = {mod: merge_eq5(sd[mod + ".weight"], *factors.get(mod, (None, None)), mags[mod], alpha / r)
+                     for mod in mods + mag_only}
+    return out

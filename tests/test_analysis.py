@@ -163,7 +163,7 @@ def test_streaming_memory_does_not_grow_with_steps(tmp_path, monkeypatch):
     def peak_alive(n_steps: int) -> int:
         for p in (tmp_path / "ft").glob("checkpoint-*"):
             if int(p.name.split("-")[1]) > n_steps:
-                p.rename(tmp_path / f"hidden-{p.name}")
+                p.rename(tmp_path / "ft" / f"hidden-{p.name}")  # not a checkpoint-<step>: ignored
         alive, peak = [0], [0]
         real = analysis._read_item
 
@@ -178,7 +178,7 @@ def test_streaming_memory_does_not_grow_with_steps(tmp_path, monkeypatch):
         monkeypatch.setattr(analysis, "_read_item", tracked)
         df = wda.analyze(tmp_path, progress=False)
         assert df.step.nunique() == n_steps
-        for p in tmp_path.glob("hidden-*"):
+        for p in (tmp_path / "ft").glob("hidden-*"):
             p.rename(tmp_path / "ft" / p.name[len("hidden-"):])
         return peak[0]
 
@@ -216,11 +216,11 @@ def test_read_buffers_are_reused(tmp_path, monkeypatch):
         mods = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
         hidden = [p for p in (tmp_path / "ft").glob("checkpoint-*") if int(p.name.split("-")[1]) > n_steps]
         for p in hidden:
-            p.rename(tmp_path / f"hidden-{p.name}")
+            p.rename(tmp_path / "ft" / f"hidden-{p.name}")  # not a checkpoint-<step>: ignored
         try:
             df = wda.analyze(tmp_path, modules=mods, progress=False)
         finally:
-            for p in tmp_path.glob("hidden-*"):
+            for p in (tmp_path / "ft").glob("hidden-*"):
                 p.rename(tmp_path / "ft" / p.name[len("hidden-"):])
         assert df.step.nunique() == n_steps and len(pools) == 1
         return pools[0].allocated, reads[0]

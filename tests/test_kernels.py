@@ -224,3 +224,63 @@ def test_closed_form_matches_the_torch_form_and_float64(dtype):
         worse = dd2.clone()
         worse[150] = bad
         assert not kernels.closed_form(ud, worse, base.n0, None, 0.5, dm, dd, closed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_closed_sums_equal_closed_form_then_vector_sums(dtype):
+    """``closed_sums`` (the per-checkpoint tail in one call) against ``closed_form`` followed
+    by ``vector_sums`` over the closed vectors, for several checkpoints at once: the same nine
+    sums, the vectors it leaves out counted (zero base row, δ along u, ``ok`` False), and a
+    NaN or Inf flagged on its own checkpoint only."""
+    gen = torch.Generator().manual_seed(8)
+    w0 = torch.randn(120, 48, generator=gen, dtype=torch.float64)
+    w0[5] = 0.0
+    base = BaseWeight(w0.to(dtype), dtype=dtype)
+    uds, dd2s, oks = [], [], []
+    for k in range(3):
+        wt = w0 + 0.02 * (k + 1) * torch.randn(w0.shape, generator=gen, dtype=torch.float64)
+        wt[9 + k] = 1.3 * w0[9 + k]  # along u
+        d = wt - w0
+        uds.append((w0 * d).sum(1).to(dtype))
+        dd2s.append((d * d).sum(1).to(dtype))
+        ok = torch.ones(120, dtype=torch.bool)
+        ok[20 + k] = False
+        oks.append(ok)
+    ud, dd2, ok = torch.stack(uds), torch.stack(dd2s), torch.stack(oks)
+    got = kernels.closed_sums(ud, dd2, base.n0, ok, 0.5)
+    for k in range(3):
+        dm, dd = torch.empty_like(ud[k]), torch.empty_like(ud[k])
+        closed = torch.empty(120, dtype=torch.bool)
+        assert kernels.closed_form(ud[k], dd2[k], base.n0, ok[k], 0.5, dm, dd, closed)
+        want = kernels.vector_sums(base.n0, dm, dd, closed)
+        assert got[k, 9] == 120 - int(closed.sum()) == 3 and got[k, 10] == 0
+        assert got[k, :9].tolist() == pytest.approx(want, rel=1e-12, abs=0)
+    got = kernels.closed_sums(ud, dd2, base.n0, None, 0.5)  # without ok: only 2 left out each
+    assert got[:, 9].tolist() == [2, 2, 2]
+    worse = dd2.clone()
+    worse[1, 40] = math.nan
+    assert kernels.closed_sums(ud, worse, base.n0, None, 0.5)[:, 10].tolist() == [0, 1, 0]
+
+
+def test_closed_sums_with_a_magnitude_equal_the_per_vector_dora_path():
+    """DoRA's tail from the sums (magnitude given) against the same checkpoint through
+    ``changes_lowrank`` and ``summarize``: negative and zero magnitudes included; a NaN
+    magnitude is flagged."""
+    from wda.analysis.decompose import summarize
+
+    gen = torch.Generator().manual_seed(9)
+    w0 = torch.randn(64, 40, generator=gen)
+    a, b = torch.randn(4, 40, generator=gen), 0.1 * torch.randn(64, 4, generator=gen)
+    m = torch.linalg.vector_norm(w0, dim=1) * (1 + 0.05 * torch.randn(64, generator=gen))
+    m[3], m[8] = -m[3], 0.0
+    base = BaseWeight(w0)
+    fast = base.measure_lowrank(a, b, 0.5, m)
+    slow = summarize(base.changes_lowrank(a, b, 0.5, m))
+    assert fast.n_excluded == slow.n_excluded == 1
+    for f in ("delta_m", "delta_d", "m0_mean", "s_mean", "align_mean", "align_abs_mean",
+              "delta_m_radial", "delta_m_tangential"):
+        assert getattr(fast, f) == pytest.approx(getattr(slow, f), rel=1e-12, abs=1e-15), f
+    ud, dd2, _, ok = base._lowrank_sums(a, b, 0.5, None)
+    bad = m.clone()
+    bad[5] = math.nan
+    assert kernels.closed_sums(ud[None], dd2[None], base.n0, ok[None], 0.5, bad[None])[0, 10] == 1

@@ -21,6 +21,7 @@ import wda
 from builders import Q_V, hub_cached, one_line_error, plain_reference, tiny_llama, trainer_run
 from wda.report.cli import main
 from wda.formats.trainer_state import logged_near
+from wda.steps import UNKNOWN_STEP
 
 REPO = "org/tiny"
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -137,10 +138,13 @@ def test_trainer_output_dir_with_only_the_final_save(trained, tmp_path, capsys):
     for row in df.itertuples():
         dm, dd, _ = plain_reference(base_sd[row.module + ".weight"], refs[3][row.module + ".weight"])
         assert row.delta_m == pytest.approx(dm, rel=1e-4) and row.delta_d == pytest.approx(dd, rel=1e-4)
-    (tmp_path / "final" / "trainer_state.json").unlink()
+    (tmp_path / "final" / "trainer_state.json").unlink()  # nothing records the step now
     capsys.readouterr()  # what the Trainer itself wrote
     rc, err = cli(capsys, str(tmp_path / "final"), "--base", str(d / "base"), "--out", str(tmp_path / "o"))
-    one_line_error(rc, err, str(tmp_path / "final"), "no step", "--run")
+    assert rc == 0, err
+    df = pd.read_csv(tmp_path / "o" / "metrics.csv")
+    assert set(df["step"]) == {UNKNOWN_STEP} and df["train_loss"].isna().all()
+    assert "its step is not recorded" in (tmp_path / "o" / "report.md").read_text()
 
 
 def test_runs_given_one_by_one(trained, tmp_path, capsys):
@@ -216,13 +220,14 @@ def test_trainer_state_not_json(trained, tmp_path, capsys):
     (["full"], ["'full' is not NAME=PATH"]),
     (["full=/nonexistent/run"], ["/nonexistent/run", "does not exist"]),
     (["a={ft}", "a={dora}"], ["run named 'a'"]),
-    (["a={base}"], ["holds no checkpoint-<step>/ folders"]),
+    (["a={base}"], ["is the base weights (W_0) itself"]),
+    (["a={empty}"], ["holds no checkpoint-<step>/ folders and no checkpoint"]),
 ])
 def test_bad_run_options(trained, tmp_path, capsys, specs, words):
     d = trained[0]
     args = []
     for s in specs:
-        args += ["--run", s.format(ft=d / "ft_out", dora=d / "dora_out", base=d / "base")]
+        args += ["--run", s.format(ft=d / "ft_out", dora=d / "dora_out", base=d / "base", empty=tmp_path)]
     rc, err = cli(capsys, *args, "--base", str(d / "base"), "--out", str(tmp_path / "o"))
     one_line_error(rc, err, *words)
 

@@ -11,64 +11,7 @@ import pytest
 import torch
 
 import wda
-from builders import dry_run_error, plain_reference, save_full, tiny_llama
-
-R, ALPHA = 4, 8
-
-
-def write_nvlabs(ck: Path, factors: dict, magnitudes: dict, config: dict, llava: bool = False) -> None:
-    """One checkpoint as the fork saves it: ``adapter_config.json`` (sorted keys, indent 2),
-    ``adapter_model.bin`` (torch pickle) keyed ``base_model.model.<module>.lora_A.weight`` etc.
-    ``llava``: the magnitudes go to ``non_lora_trainables.bin`` under ``.default`` names, as the
-    LLaVA script's filter (it keeps "weight_g_wdecomp", not the parameter's real name) leaves them."""
-    ck.mkdir(parents=True)
-    cfg = {"peft_type": "DORA", "task_type": "CAUSAL_LM", "r": R, "lora_alpha": ALPHA, "lora_dropout": 0.05,
-           "dora_simple": True, "merge_weights": False, "fan_in_fan_out": False, "enable_lora": None,
-           "bias": "none", "modules_to_save": None, "inference_mode": True,
-           "base_model_name_or_path": "yahma/llama-7b-hf", **config}
-    (ck / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    sd, extra = {}, {}
-    for mod, (a, b) in factors.items():
-        sd[f"base_model.model.{mod}.lora_A.weight"] = a
-        sd[f"base_model.model.{mod}.lora_B.weight"] = b
-    for mod, m in magnitudes.items():
-        if llava:
-            extra[f"base_model.model.{mod}.weight_m_wdecomp.default.weight"] = m
-        else:
-            sd[f"base_model.model.{mod}.weight_m_wdecomp.weight"] = m
-    torch.save(sd, ck / "adapter_model.bin")
-    if llava:
-        extra["base_model.model.model.mm_projector.0.weight"] = torch.zeros(3, 3)  # other trainables
-        torch.save(extra, ck / "non_lora_trainables.bin")
-
-
-def merge_eq5(w0: torch.Tensor, a, b, m: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Eq. 5 of the paper in float64: m · V / ||V|| per output row, V = W_0 + s·B·A (or W_0)."""
-    v = w0.double() if a is None else w0.double() + scaling * (b.double() @ a.double())
-    return m.double().reshape(-1, 1) * v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
-
-
-def nvlabs_run(d: Path, model, steps=(10, 20), seed=4, llava=False, config=None, scale=0.05):
-    """A run of DoRA on q/k/v and magnitude-only o_proj/up_proj (the paper's qkv script's
-    split), with trained-looking A, B and m. Returns {step: {module: merged float64 weight}}."""
-    config = config or {"target_modules": ["q_proj", "k_proj", "v_proj"],
-                        "Wdecompose_target_modules": ["o_proj", "up_proj"]}
-    gen = torch.Generator().manual_seed(seed)
-    sd = model.state_dict()
-    mods = [k[:-7] for k in sd if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight"))]
-    mag_only = [k[:-7] for k in sd if k.endswith(("o_proj.weight", "up_proj.weight"))]
-    out = {}
-    for step in steps:
-        factors = {mod: (torch.randn(R, sd[mod + ".weight"].shape[1], generator=gen) * scale,
-                         torch.randn(sd[mod + ".weight"].shape[0], R, generator=gen) * scale) for mod in mods}
-        mags = {}
-        for mod in mods + mag_only:
-            w0 = sd[mod + ".weight"]
-            mags[mod] = (w0.norm(dim=1, keepdim=True) * (1 + 0.05 * torch.randn(w0.shape[0], 1, generator=gen)))
-        write_nvlabs(d / f"checkpoint-{step}", factors, mags, config, llava=llava)
-        out[step] = {mod: merge_eq5(sd[mod + ".weight"], *factors.get(mod, (None, None)), mags[mod], ALPHA / R)
-                     for mod in mods + mag_only}
-    return out
+from builders import NVLABS_R as R, dry_run_error, merge_eq5, nvlabs_run, plain_reference, save_full, tiny_llama
 
 
 def check(df, run, base_sd, states, rel=1e-4) -> int:
@@ -169,3 +112,45 @@ def test_target_rules():
     assert targets(r".*\.q_proj", "model.layers.0.self_attn.q_proj")
     assert not targets(r"q_proj", "model.layers.0.self_attn.q_proj")  # a string must fullmatch
     assert not targets(None, "q_proj")
+
+
+# ---- fan_in_fan_out: the commonsense fork transposes the update only ----------------------------
+def merge_fifo(w0: torch.Tensor, a, b, m: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The commonsense fork's ``Linear.train(False)`` with fan_in_fan_out, in float64:
+    V = W + s·(B@A)ᵀ with W the nn.Linear weight as stored (out, in), then m · V / ||V|| over dim=1."""
+    v = w0.double() + (b.double() @ a.double()).T * scaling
+    return m.double() / torch.linalg.norm(v, dim=1).unsqueeze(1) * v
+
+
+def test_fan_in_fan_out_transposes_the_update(tmp_path):
+    from builders import NVLABS_ALPHA, write_nvlabs
+
+    model = tiny_llama(layers=2)
+    save_full(model, tmp_path / "base")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(11)
+    mods = [k[:-7] for k in sd if k.endswith(("q_proj.weight", "o_proj.weight"))]  # square (48, 48)
+    factors = {mod: (torch.randn(R, 48, generator=gen) * 0.05, torch.randn(48, R, generator=gen) * 0.05)
+               for mod in mods}
+    mags = {mod: sd[mod + ".weight"].norm(dim=1, keepdim=True) * (1 + 0.05 * torch.randn(48, 1, generator=gen))
+            for mod in mods}
+    write_nvlabs(tmp_path / "fifo" / "checkpoint-5", factors, mags,
+                 {"target_modules": ["q_proj", "o_proj"], "fan_in_fan_out": True})
+    df = wda.analyze(tmp_path, progress=False, dtype="float64")
+    assert set(df.module) == set(mods)
+    for row in df.itertuples():
+        wt = merge_fifo(sd[row.module + ".weight"], *factors[row.module], mags[row.module], NVLABS_ALPHA / R)
+        dm, dd, _ = plain_reference(sd[row.module + ".weight"], wt)
+        assert row.delta_m == pytest.approx(dm, rel=1e-6) and row.delta_d == pytest.approx(dd, rel=1e-6)
+        # and it is not the untransposed merge (the test tells the two apart)
+        plain = merge_eq5(sd[row.module + ".weight"], *factors[row.module], mags[row.module], NVLABS_ALPHA / R)
+        assert abs(plain_reference(sd[row.module + ".weight"], plain)[1] - dd) > 1e-3 * dd
+
+
+def test_fan_in_fan_out_on_a_non_square_module_is_one_line(nvlabs_dir, tmp_path, capsys):
+    d = _copy(nvlabs_dir[0], tmp_path / "d")
+    ck = d / "dora_r4" / "checkpoint-10"
+    _edit_config(ck / "adapter_config.json", fan_in_fan_out=True)  # k_proj / v_proj are (12, 48)
+    dry_run_error(capsys, d, str(ck / "adapter_model.bin"), "k_proj", "not square", "fan_in_fan_out", "(48, 12)")
+    _edit_config(ck / "adapter_config.json", fan_in_fan_out="yes")
+    dry_run_error(capsys, d, str(ck / "adapter_config.json"), "fan_in_fan_out must be true or false")

@@ -255,6 +255,33 @@ def test_cache_key_covers_base_options_only(run) -> None:
     assert T.cache_key(cfg, other) != key  # the corpus bytes are part of the key
 
 
+def test_the_default_base_ships_and_is_used_without_pretraining(tmp_path, monkeypatch) -> None:
+    """The default options' base is committed (wda/train/bases): found by its options and
+    corpus with an empty cache, loaded without pretraining, with the default base options."""
+    cfg = T.TrainConfig(cache_dir=str(tmp_path / "empty-cache"))
+    corpora = T.load_corpora(cfg)
+    shipped = sorted(T.SHIPPED_BASES.glob("base-*"))
+    assert shipped, "no base ships in wda/train/bases"
+    made = [json.loads((d / "pretrain_log.json").read_text())["made_with"] for d in shipped]
+    if corpora.pretrain.digest() not in {m["pretrain_corpus_sha256"] for m in made}:
+        pytest.skip("this Python's standard library is not the one the shipped base was pretrained on")
+    entry = T.shipped_base(cfg, corpora)
+    assert entry is not None, "the shipped base's key no longer matches the default options"
+    assert json.loads((entry / "pretrain_log.json").read_text())["options"] == T.base_options(cfg)
+
+    def no_pretraining(*a, **k):
+        raise AssertionError("pretrained although the base ships with wda")
+
+    monkeypatch.setattr(T, "pretrain", no_pretraining)
+    model, hist = T.load_or_pretrain(cfg, corpora)
+    assert hist["cached"] is True and hist["cache_path"] == str(entry)
+    ref = load_file(str(entry / "model.safetensors"))
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    assert not (tmp_path / "empty-cache").exists()  # the shipped base is read in place
+    with pytest.raises(AssertionError, match="pretrained although"):  # --no-use-cache pretrains
+        T.load_or_pretrain(dataclasses.replace(cfg, use_cache=False), corpora)
+
+
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_adapter_checkpoints_merge_to_the_trained_model(run, method, tmp_path) -> None:
     cfg, out = run

@@ -143,11 +143,17 @@ def summarize(ch: VectorChanges) -> Measurement:
         k, *sums = kernels.vector_sums(ch.m0, ch.dm, ch.dd, ch.valid)  # one pass, no temporaries
     else:
         k, *sums = _vector_sums(ch)
+    return _from_sums(n, k, sums)
+
+
+def _from_sums(n: int, k: float, sums) -> Measurement:
+    """The Measurement of ``n`` vectors from the sums over its ``k`` valid ones (the order of
+    ``kernels.vector_sums``)."""
     k = int(k)
     if k == 0:
         nan = float("nan")
         return Measurement(nan, nan, n, n, nan, nan, nan, nan, nan, nan, nan)
-    dm_s, dd_s, m0_s, s_s, a_s, aa_s, rad_s, tan_s = (v / k for v in sums)
+    dm_s, dd_s, m0_s, s_s, a_s, aa_s, rad_s, tan_s = (float(v) / k for v in sums)
     rel = dm_s / m0_s if m0_s > 0 else float("nan")
     return Measurement(dm_s, dd_s, n, n - k, m0_s, s_s, a_s, aa_s, rad_s, tan_s, rel)
 
@@ -261,7 +267,7 @@ class BaseWeight:
     # -- full weights --
     def measure(self, wt: torch.Tensor) -> Measurement:
         """ΔM, ΔD of the full weight ``wt`` (same layout as W_0, any float dtype)."""
-        return summarize(self.changes(wt))
+        return self.measure_many([wt])[0]
 
     def changes(self, wt: torch.Tensor) -> VectorChanges:
         return self.changes_many([wt])[0]
@@ -269,9 +275,15 @@ class BaseWeight:
     def measure_many(self, wts: list[torch.Tensor]) -> list[Measurement]:
         """``measure`` of several checkpoints of this matrix, W_0 read once for all of them
         (CPU kernels; elsewhere one pass each)."""
-        return [summarize(ch) for ch in self.changes_many(wts)]
+        srcs, ud, dd2 = self._dots(wts)
+        return self._measure_sums(ud, dd2, None, [self._dense(src) for src in srcs])
 
     def changes_many(self, wts: list[torch.Tensor]) -> list[VectorChanges]:
+        srcs, ud, dd2 = self._dots(wts)
+        return [self._finish(ud[k], dd2[k], self._dense(src)) for k, src in enumerate(srcs)]
+
+    def _dots(self, wts: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(vector-major checkpoints, u·δ and |δ|² of each: (K, vectors))."""
         for wt in wts:
             if tuple(wt.shape) != self.shape:
                 raise ValueError(f"shape mismatch: base {self.shape} vs checkpoint {tuple(wt.shape)}")
@@ -287,7 +299,29 @@ class BaseWeight:
         else:
             for k, src in enumerate(srcs):
                 self._sums(src, ud[k], dd2[k])
-        return [self._finish(ud[k], dd2[k], self._dense(src)) for k, src in enumerate(srcs)]
+        return srcs, ud, dd2
+
+    def _measure_sums(self, ud: torch.Tensor, dd2: torch.Tensor, ok: torch.Tensor | None,
+                      denses: list) -> list[Measurement]:
+        """Measurements from the sums of K checkpoints (ud, dd2, ok: (K, vectors)). With the CPU
+        kernels, one call gives every checkpoint's means when the closed form takes all its
+        vectors (the usual case); the others, and every checkpoint elsewhere, go through
+        ``_finish`` (per-vector changes, the residual form for the rest) and ``summarize``."""
+        fast = self._fast_sums(ud, dd2, ok, None, every=False)
+        return [fast[k] if fast[k] is not None else
+                summarize(self._finish(ud[k], dd2[k], dense, None if ok is None else ok[k]))
+                for k, dense in enumerate(denses)]
+
+    def _fast_sums(self, ud: torch.Tensor, dd2: torch.Tensor, ok: torch.Tensor | None,
+                   magnitude: torch.Tensor | None, every: bool = True) -> list | None:
+        """Per checkpoint its Measurement straight from ``kernels.closed_sums``, or None where
+        the closed form does not take every vector (or a value is not finite; or no kernels).
+        ``every``: None unless all of them are measured so."""
+        if not self._kernels:
+            return None if every else [None] * ud.shape[0]
+        sums = kernels.closed_sums(ud, dd2, self.n0, ok, _ALONG, magnitude)
+        out = [_from_sums(ud.shape[1], s[0], s[1:9]) if s[9] == 0 and s[10] == 0 else None for s in sums]
+        return None if every and any(m is None for m in out) else out
 
     def _dense(self, src: torch.Tensor):
         """The residual form for the rows ``idx`` of a full-weight checkpoint."""
@@ -304,6 +338,12 @@ class BaseWeight:
         """ΔM, ΔD of W_0 + s·B·A (Eq. 1), or with ``magnitude`` of DoRA's
         m · (W_0 + s·B·A) / ||W_0 + s·B·A|| (Eq. 5, norm per output row).
         ``projected``: this adapter's part of ``project`` (several adapters, one pass)."""
+        if magnitude is None or (self.dim == 1 and magnitude.numel() == self.n0.numel()):  # from the sums
+            ud, dd2, dense, ok = self._lowrank_sums(a, b, scaling, projected)
+            m = None if magnitude is None else magnitude.reshape(1, -1).to(self.dtype).contiguous()
+            fast = self._fast_sums(ud[None], dd2[None], ok[None], m)
+            if fast is not None:
+                return fast[0]
         return summarize(self.changes_lowrank(a, b, scaling, magnitude, projected))
 
     def project(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -364,6 +404,18 @@ class BaseWeight:
                 self._merged = torch.empty_like(w0)
             v = torch.addmm(w0, b.to(self.dtype), a.to(self.dtype), alpha=scaling, out=self._merged)
             return self.changes(v.mul_(_rescale(magnitude, torch.linalg.vector_norm(v, dim=1)).unsqueeze(1)))
+        ch = self._finish(*self._lowrank_sums(a, b, scaling, projected))
+        if magnitude is None:
+            return ch
+        # Eq. 5: W'_n = m_n V'_n / |V'_n| has norm |m_n| and the direction of ±V'_n.
+        m = _finite_magnitude(magnitude, self.dtype)
+        valid = ch.valid & (m != 0)
+        dd = torch.where(m < 0, 2.0 - ch.dd, ch.dd)
+        return VectorChanges(m0=self.n0, dm=m.abs() - self.n0, dd=torch.where(valid, dd, 0.0), valid=valid)
+
+    def _lowrank_sums(self, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                      projected: torch.Tensor | None):
+        """(u·δ, |δ|², where those sums are exact enough, the residual form) of W_0 + s·B·A."""
         bv, av = self._factors(a, b)  # δ (vector-major) = s · bv @ av
         p = projected if projected is not None else self.project([(a, b)])[0]  # (rows, r)
         g = av @ av.t()  # (r, r) Gram matrix
@@ -382,14 +434,7 @@ class BaseWeight:
             delta = scaling * (bv.index_select(0, idx) @ av)  # (k, r) @ (r, n)
             return _changes(uu, uu + delta, delta, 1)
 
-        ch = self._finish(ud, dd2, dense, gram_ok)
-        if magnitude is None:
-            return ch
-        # Eq. 5: W'_n = m_n V'_n / |V'_n| has norm |m_n| and the direction of ±V'_n.
-        m = _finite_magnitude(magnitude, self.dtype)
-        valid = ch.valid & (m != 0)
-        dd = torch.where(m < 0, 2.0 - ch.dd, ch.dd)
-        return VectorChanges(m0=self.n0, dm=m.abs() - self.n0, dd=torch.where(valid, dd, 0.0), valid=valid)
+        return ud, dd2, dense, gram_ok
 
     def _factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(bv, av) with the update per vector δ = s · bv @ av, in the compute dtype."""

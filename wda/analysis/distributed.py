@@ -274,7 +274,7 @@ def run_report(args) -> int:
 
 
 def _run_report(args, env: DistEnv) -> int:
-    from wda import report  # the report's own helpers, so both paths write the same files
+    from wda.report import cli as report  # the report's own helpers, so both paths write the same files
 
     if args.dry_run:  # headers only: rank 0 alone
         return report._dry_run(args) if env.is_main else 0

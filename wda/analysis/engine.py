@@ -295,16 +295,19 @@ def _prepare_base(item: _Item, data: _Loaded, dev: torch.device, dtype: torch.dt
 
 
 def _adapter_tensors(data: _Loaded, dev: torch.device, dtype: torch.dtype,
-                     module: ModuleInfo) -> dict[str, torch.Tensor]:
+                     module: ModuleInfo, whole: bool = True) -> dict[str, torch.Tensor]:
+    """``whole``: an adapter of a fused module's part is on the whole fused module (its part's
+    rows are selected); False: on the part alone (its B and magnitude hold those rows only)."""
+    rows = _part_rows if whole else (lambda t, m: t)
     t = {k: v.to(dtype) for k, v in _on_device(data, dev).items()}
     if "m" in t:
-        t["m"] = _part_rows(t["m"].reshape(-1), module)  # (out,)
+        t["m"] = rows(t["m"].reshape(-1), module)  # (out,)
     if "m_in" in t:
         t["m_in"] = t["m_in"].reshape(-1)  # (in channels,)
     if "b" in t:
         # B's rows are the output rows of ΔW = s·B·A (and the DoRA norm is per output row):
         # the rows of a fused module's part are exactly its merged rows
-        t["b"] = _part_rows(t["b"], module)
+        t["b"] = rows(t["b"], module)
     return t
 
 
@@ -371,7 +374,8 @@ class _Measurer:
         if not pending:
             return
         base = self.base
-        tensors = [_adapter_tensors(d, self.dev, self.dtype, it.module) for it, d in pending]
+        tensors = [_adapter_tensors(d, self.dev, self.dtype, it.module, it.module.part is None
+                                    or it.run.adapts_fused(it.module)) for it, d in pending]
         # the ones measured from their factors share one pass over W_0
         low = [i for i, t in enumerate(tensors)
                if "a" in t and "m_in" not in t and not ("m" in t and base.dim == 0)]

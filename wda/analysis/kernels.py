@@ -145,6 +145,24 @@ def vector_sums(m0: torch.Tensor, dm: torch.Tensor, dd: torch.Tensor, valid: tor
     return out.tolist()
 
 
+def closed_sums(ud: torch.Tensor, dd2: torch.Tensor, n0: torch.Tensor, ok: torch.Tensor | None,
+                along: float, magnitude: torch.Tensor | None = None) -> np.ndarray:
+    """``closed_form`` and ``vector_sums`` in one call for K checkpoints of one matrix (ud, dd2:
+    (K, vectors), ``ok`` the same shape or None): row k holds the nine sums of ``vector_sums``
+    over the vectors the closed form takes, then [9] how many it does not take (those need the
+    residual form: the caller then takes the per-vector path) and [10] 1 when a sum (or a
+    magnitude) is NaN or Inf. With ``magnitude`` ((K, vectors), DoRA's m per output row) the
+    vector is m·V'/|V'|: Δm = |m| - |u|, ΔD of ±V', and m = 0 leaves the vector out. No
+    per-vector tensor is made: the per-checkpoint tail of an adapter or full-weight
+    checkpoint in one call."""
+    out = np.zeros((ud.shape[0], 11))
+    ok_ = ok.numpy() if ok is not None else np.ones((1, 1), np.bool_)
+    mag = magnitude.numpy() if magnitude is not None else np.ones((1, 1), ud.numpy().dtype)
+    _closed_sums(ud.numpy(), dd2.numpy(), n0.numpy(), ok_, ok is not None, mag, magnitude is not None,
+                 along, out)
+    return out
+
+
 def widen(u: torch.Tensor, out: torch.Tensor) -> None:
     """out[:] = u in the (float32/64) dtype of ``out``: rows of the same shape, exact."""
     if u.shape != out.shape or not out.is_contiguous():
@@ -281,28 +299,31 @@ if numba is not None:
                           rows * c // chunks, rows * (c + 1) // chunks)
 
     @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
+    def _closed_row(x, y, n, along, zero, two):
+        """(closed, |v| - |u|, 1 - cos) of one vector from x = u·δ, y = |δ|², n = |u|; closed
+        is False where the closed form does not apply (the other two are then 0)."""
+        if not (n > 0 and x * x <= along * (n * n) * y):
+            return False, zero, zero
+        a = x / n  # change along u
+        perp = max(y - a * a, zero)  # |δ_⊥|²
+        q = n + a
+        nt = np.sqrt(q * q + perp)  # |v|
+        e = perp / (nt * (nt + abs(q))) if q > 0 else 1 - q / nt
+        return True, (2 * x + y) / (n + nt), min(max(e, zero), two)
+
+    @numba.njit(nogil=True, cache=True)
     def _closed_form(ud, dd2, n0, ok, use_ok, along, dm, dd, closed, flags, r0, r1):
         zero = np.zeros(1, dm.dtype)[0]
         two = zero + 2
         for i in range(r0, r1):
             x = ud[i]
             y = dd2[i]
-            n = n0[i]
             if not (np.isfinite(x) and np.isfinite(y)):
                 flags[0] = True
-            c = n > 0 and x * x <= along * (n * n) * y and (not use_ok or ok[i])  # ok: 1 entry if unused
+            c, dm[i], dd[i] = _closed_row(x, y, n0[i], along, zero, two)
+            if c and use_ok and not ok[i]:  # ok: 1 entry if unused; recomputed by the caller
+                c, dm[i], dd[i] = False, zero, zero
             closed[i] = c
-            if not c:  # recomputed by the caller
-                dm[i] = zero
-                dd[i] = zero
-                continue
-            a = x / n  # change along u
-            perp = max(y - a * a, zero)  # |δ_⊥|²
-            q = n + a
-            nt = np.sqrt(q * q + perp)  # |v|
-            dm[i] = (2 * x + y) / (n + nt)
-            e = perp / (nt * (nt + abs(q))) if q > 0 else 1 - q / nt
-            dd[i] = min(max(e, zero), two)
 
     @numba.njit(nogil=True, cache=True, parallel=True)
     def _closed_form_parallel(ud, dd2, n0, ok, use_ok, along, dm, dd, closed, flags, chunks):
@@ -375,24 +396,55 @@ if numba is not None:
             _col_norms(u, out, cols * c // chunks, cols * (c + 1) // chunks)
 
     @numba.njit(nogil=True, cache=True)
+    def _accumulate(out, m0, dm, dd):
+        """Adds one valid vector (|u|, Δm, ΔD) to the nine sums of ``vector_sums``, in float64."""
+        u = np.float64(m0)
+        d = np.float64(dm)
+        c = np.float64(dd)
+        tangential = (u + d) * c
+        radial = d - tangential
+        size = np.sqrt(d * d + 2.0 * u * (u + d) * c)
+        align = min(1.0, max(-1.0, radial / size)) if size > 0 else 0.0
+        sign = 1.0 if d > 0 else (-1.0 if d < 0 else 0.0)
+        out[0] += 1.0
+        out[1] += abs(d)
+        out[2] += c
+        out[3] += u
+        out[4] += size / u
+        out[5] += align
+        out[6] += abs(align)
+        out[7] += sign * radial
+        out[8] += sign * tangential
+
+    @numba.njit(nogil=True, cache=True)
     def _vector_sums(m0, dm, dd, valid, out):
         for n in range(m0.shape[0]):
-            if not valid[n]:
-                continue
-            u = np.float64(m0[n])
-            d = np.float64(dm[n])
-            c = np.float64(dd[n])
-            tangential = (u + d) * c
-            radial = d - tangential
-            size = np.sqrt(d * d + 2.0 * u * (u + d) * c)
-            align = min(1.0, max(-1.0, radial / size)) if size > 0 else 0.0
-            sign = 1.0 if d > 0 else (-1.0 if d < 0 else 0.0)
-            out[0] += 1.0
-            out[1] += abs(d)
-            out[2] += c
-            out[3] += u
-            out[4] += size / u
-            out[5] += align
-            out[6] += abs(align)
-            out[7] += sign * radial
-            out[8] += sign * tangential
+            if valid[n]:
+                _accumulate(out, m0[n], dm[n], dd[n])
+
+    @numba.njit(nogil=True, cache=True)
+    def _closed_sums(ud, dd2, n0, ok, use_ok, mag, use_mag, along, out):
+        per = np.zeros(2, ud.dtype)  # Δm and ΔD rounded as closed_form stores them
+        zero = per[0]
+        two = zero + 2
+        for k in range(ud.shape[0]):
+            o = out[k]
+            for i in range(ud.shape[1]):
+                x = ud[k, i]
+                y = dd2[k, i]
+                if not (np.isfinite(x) and np.isfinite(y)):
+                    o[10] = 1.0
+                c, per[0], per[1] = _closed_row(x, y, n0[i], along, zero, two)
+                if not c or (use_ok and not ok[k, i]):
+                    o[9] += 1.0
+                    continue
+                if use_mag:  # Eq. 5: norm |m|, direction ±V' (see BaseWeight.changes_lowrank)
+                    m = mag[k, i]
+                    if not np.isfinite(m):
+                        o[10] = 1.0
+                    if m == 0:  # a zero row: excluded, as a zero-norm vector
+                        continue
+                    per[0] = abs(m) - n0[i]
+                    if m < 0:
+                        per[1] = two - per[1]
+                _accumulate(o, n0[i], per[0], per[1])

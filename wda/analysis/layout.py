@@ -2,8 +2,16 @@
 
     CKPT_DIR/base/                      W_0 (full weights), or --base (a folder, a file, a hub id)
     CKPT_DIR/<run>/checkpoint-<step>/   full weights or an adapter, any number of runs
+    CKPT_DIR/<run>/                     or a run that is one adapter itself (a final adapter)
     CKPT_DIR/checkpoint-<step>/         or CKPT_DIR is one run (a Trainer output_dir)
-    --run NAME=PATH                     or runs given one by one
+    CKPT_DIR/ = one checkpoint          or CKPT_DIR is one checkpoint (save_pretrained output)
+    --run NAME=PATH                     or runs given one by one (either kind)
+
+A folder that is itself a checkpoint (adapter_config.json + adapter_model.*, full weights, ...)
+is a run of one checkpoint: its step is the N of a ``checkpoint-N`` name, else the
+``global_step`` of a trainer_state.json beside it, else not recorded (``UNKNOWN_STEP``).
+Beside other runs in CKPT_DIR only adapter folders count so; a model's full weights there (a
+teacher, a merged model) are a run only when given with ``--run``.
 
 The method of a run is read from its files, never from its folder name. Everything here
 reads headers only; no tensor data is loaded.
@@ -17,18 +25,19 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from wda.formats import METHOD_ORDER, Checkpoint, TensorInfo, formats, open_checkpoint
-from wda.formats.base import CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, MODEL_CONFIG
+from wda.formats.base import CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, IN_PROJ, IN_PROJ_SUFFIX, MODEL_CONFIG
 from wda.formats.peft import ADAPTER_CONFIG
 from wda.errors import WdaError
-from wda.formats import fused_qkv
+from wda.formats import fused_mlp, fused_qkv
 from wda.formats.tensors import present
 from wda.formats.hub import cached_snapshot, describe, parse_hub_id
 from wda.names import matches
+from wda.steps import UNKNOWN_STEP
 from wda.formats.trainer_state import check_step, logged_near, read_state
 
 log = logging.getLogger(__name__)
@@ -82,6 +91,12 @@ class Run:
     adapter_names: dict[str, str] = field(default_factory=dict)
     # step -> train_loss / learning_rate / epoch logged nearest it (trainer_state.json)
     train_log: dict[int, dict[str, float | None]] = field(default_factory=dict)
+
+    def adapts_fused(self, m: ModuleInfo) -> bool:
+        """Whether this run's adapter of ``m``, a part of a fused projection, is on the whole fused
+        module (its B and magnitude hold every row of it; ``m``'s rows are selected), not on the
+        part alone (kohya's ``q_proj`` of an OpenCLIP ``in_proj``: they hold the part's rows only)."""
+        return m.part is not None and m.part.module in self.adapter_names
 
 
 @dataclass
@@ -158,17 +173,47 @@ def _find_runs(root: Path, exclude: set[Path]) -> tuple[list[RawRun], list[str],
         problems += bad
         if steps:
             runs.append((d.name, d, steps))
-        elif not bad:
-            notes.append(f"{d}: ignored (no {CHECKPOINT_PREFIX}<step> folders)")
+        elif bad:
+            continue
+        elif is_checkpoint(d, adapters_only=True):  # a run that is one checkpoint (a final adapter)
+            runs.append((d.name, d, {checkpoint_step(d): d}))
+        elif is_checkpoint(d):  # a model beside the runs (a teacher, a merged model): not a run unless asked
+            notes.append(f"{d}: ignored (full weights but no {CHECKPOINT_PREFIX}<step> folders; give it with "
+                         f"--run NAME=PATH to analyse it as a run)")
+        else:
+            notes.append(f"{d}: ignored (no {CHECKPOINT_PREFIX}<step> folders, no checkpoint)")
     return runs, notes, problems
 
 
-_RUN_HINT = f"--run NAME=PATH takes a run's folder of {CHECKPOINT_PREFIX}<step>/ folders (a Trainer output_dir)"
+def is_checkpoint(d: Path, adapters_only: bool = False) -> bool:
+    """``d`` holds one checkpoint's files itself: a format reads it (names only); with
+    ``adapters_only``, an adapter format (full weights beside the runs are not a run)."""
+    fmt = next((f for f in formats() if f.detect(d)), None)
+    return fmt is not None and (fmt.adapter_format or not adapters_only)
+
+
+def checkpoint_step(d: Path) -> int:
+    """The step of a folder that is one checkpoint: N of a ``checkpoint-N`` name, else the
+    ``global_step`` of its trainer_state.json, else ``UNKNOWN_STEP``. (A trainer_state.json
+    that cannot be read is reported where the checkpoints are opened.)"""
+    raw = d.name[len(CHECKPOINT_PREFIX):]
+    if d.name.startswith(CHECKPOINT_PREFIX) and raw.isascii() and raw.isdigit():
+        return int(raw)
+    try:
+        state = read_state(d)
+    except WdaError:
+        return UNKNOWN_STEP
+    step = (state or {}).get("global_step")
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else UNKNOWN_STEP
+
+
+_RUN_HINT = (f"--run NAME=PATH takes a run's folder of {CHECKPOINT_PREFIX}<step>/ folders (a Trainer output_dir) "
+             "or one checkpoint's folder (adapter_config.json + adapter_model.*, or full weights)")
 
 
 def _given_run(name: str, path: Path) -> tuple[dict[int, Path], list[WdaError]]:
-    """The steps of a run given as ``--run NAME=PATH``: a folder of checkpoints, or one
-    ``checkpoint-<step>/`` folder."""
+    """The steps of a run given as ``--run NAME=PATH``: a folder of checkpoints, or a folder
+    that is one checkpoint (``checkpoint-<step>/``, a final adapter)."""
     if not path.exists():
         raise WdaError(path, f"does not exist (--run {name}=...)", _RUN_HINT)
     if not path.is_dir():
@@ -176,9 +221,10 @@ def _given_run(name: str, path: Path) -> tuple[dict[int, Path], list[WdaError]]:
     if _holds_checkpoints(path):
         return _steps_of(path)
     raw = path.name[len(CHECKPOINT_PREFIX):]
-    if path.name.startswith(CHECKPOINT_PREFIX) and raw.isascii() and raw.isdigit():
-        return {int(raw): path}, []
-    raise WdaError(path, f"holds no {CHECKPOINT_PREFIX}<step>/ folders (--run {name}=...)", _RUN_HINT)
+    if path.name.startswith(CHECKPOINT_PREFIX) and raw.isascii() and raw.isdigit() or is_checkpoint(path):
+        return {checkpoint_step(path): path}, []
+    raise WdaError(path, f"holds no {CHECKPOINT_PREFIX}<step>/ folders and no checkpoint (--run {name}=...)",
+                   _RUN_HINT)
 
 
 def _gather_runs(ckpt_dir: str | Path | None, given: Sequence[tuple[str, str | Path]], base
@@ -201,13 +247,14 @@ def _gather_runs(ckpt_dir: str | Path | None, given: Sequence[tuple[str, str | P
             steps, problems = _steps_of(root)
             if steps:
                 runs.append((root.resolve().name, root, steps))
+        elif is_checkpoint(root):  # one checkpoint: save_pretrained / save_model output, a final adapter
+            runs.append((_checkpoint_run_name(root), root, {checkpoint_step(root): root}))
+            notes += [f"{d}: ignored (CKPT_DIR is itself a checkpoint; give this one with --run NAME=PATH)"
+                      for d in sorted(_listdir(root)) if d.is_dir() and is_checkpoint(d)]
         else:
             base_dir = root / "base"
             exclude = {base_dir} | ({Path(base)} if base is not None and present(Path(base)) else set())
             runs, notes, problems = _find_runs(root, exclude)
-            if not runs and not problems and any(f.detect(root) for f in formats()):
-                runs = [_final_save(root)]  # trainer.save_model() without checkpoint-<step>/
-                notes = []
     for name, path in given:
         steps, bad = _given_run(name, Path(path))
         if name in {r[0] for r in runs}:
@@ -222,18 +269,25 @@ def _gather_runs(ckpt_dir: str | Path | None, given: Sequence[tuple[str, str | P
     return root, base_dir, runs, notes, problems
 
 
-def _final_save(root: Path) -> RawRun:
-    """CKPT_DIR holds one checkpoint's weights itself (a Trainer ``output_dir`` after
-    ``save_model()``, no ``checkpoint-<step>/``): one run of one step, the step from the
-    ``global_step`` of the trainer_state.json ``save_state()`` writes beside it."""
-    state = read_state(root)
-    step = (state or {}).get("global_step")
-    if not (isinstance(step, int) and not isinstance(step, bool)):
-        raise WdaError(root, f"holds the weights of one checkpoint but no step (no {CHECKPOINT_PREFIX}<step>/ "
-                             f"folders, no global_step in a trainer_state.json)",
-                       f"give it with --run NAME=PATH after renaming it {CHECKPOINT_PREFIX}<step>, "
-                       "or save the trainer state beside it with trainer.save_state()")
-    return root.resolve().name, root, {step: root}
+def _checkpoint_run_name(d: Path) -> str:
+    """A run that is one checkpoint is named after its folder; a ``checkpoint-<step>``
+    folder after the run folder (the Trainer output_dir) it is in."""
+    d = d.resolve()
+    return d.parent.name if d.name.startswith(CHECKPOINT_PREFIX) and d.parent.name else d.name
+
+
+def _endpoint_notes(runs: list["Run"]) -> list[str]:
+    """What a report of runs with one checkpoint each can and cannot show."""
+    notes = []
+    for run in runs:
+        if len(run.steps) != 1:
+            continue
+        (step,) = run.steps
+        when = (f"its step is not recorded: no checkpoint-<step> name, no trainer_state.json; metrics.csv "
+                f"gives step {UNKNOWN_STEP}" if step == UNKNOWN_STEP else f"step {step}")
+        notes.append(f"run {run.name!r} is one checkpoint, a single endpoint ({when}): one point per module, "
+                     "no course over training; its fits are across layers only")
+    return notes
 
 
 _BASE_HINT = "put the pretrained model in CKPT_DIR/base/, or pass --base PATH or --base org/name[@revision] " \
@@ -275,6 +329,16 @@ def resolve_base(base: str | Path | None, base_dir: Path | None, where: Path, ru
         raise WdaError(cfg, f"no base weights (W_0) found: the adapter names base_model_name_or_path {name!r}; "
                             f"looked for {looked}", _BASE_HINT)
     raise WdaError(base_dir if base_dir is not None else where, "no base weights (W_0) found", _BASE_HINT)
+
+
+def _check_not_base(runs: list[RawRun], base: Path) -> None:
+    """A checkpoint that is the base itself would be measured against itself (all zeros)."""
+    folder = (base if base.is_dir() else base.parent).resolve()
+    for name, _, steps in runs:
+        for path in steps.values():
+            if path.resolve() == folder:
+                raise WdaError(path, f"is the base weights (W_0) itself, not a fine-tuned checkpoint (run {name!r})",
+                               "give the run's own checkpoints, or pass the pretrained model as --base")
 
 
 def _named_bases(runs: list[RawRun]) -> list[tuple[Path, str]]:
@@ -338,9 +402,11 @@ def discover(ckpt_dir: str | Path | None, base: str | Path | None = None,
     """Find and check everything to analyse (headers only). Raises WdaError on bad input;
     with ``skip_broken`` a broken checkpoint is skipped and listed instead.
 
-    ``ckpt_dir``: a folder of runs (``<run>/checkpoint-<step>/``, base in ``base/``), or one
-    run (a Trainer ``output_dir`` holding ``checkpoint-<step>/``), or None when every run is
-    given in ``runs`` as (name, folder). ``base``: a folder, a weights file or a hub id
+    ``ckpt_dir``: a folder of runs (``<run>/checkpoint-<step>/`` or ``<run>/`` that is one
+    checkpoint, base in ``base/``), or one run (a Trainer ``output_dir`` holding
+    ``checkpoint-<step>/``), or one checkpoint (a final adapter: one run of one checkpoint,
+    its step ``checkpoint_step``), or None when every run is given in ``runs`` as (name,
+    folder). ``base``: a folder, a weights file or a hub id
     (``org/name[@revision]``, looked up offline in the local Hugging Face cache); default
     ``CKPT_DIR/base/``, else the ``base_model_name_or_path`` the adapters name. ``split_fused``:
     fused attention projections (GPT-2 ``c_attn``, ``query_key_value``, ...) are measured as
@@ -351,6 +417,7 @@ def discover(ckpt_dir: str | Path | None, base: str | Path | None = None,
     if base_ck.is_adapter:
         raise WdaError(base_path, "the base must hold full weights, not an adapter",
                        "put the pretrained model in base/ or pass --base PATH")
+    _check_not_base(raw_runs, base_path)
     base_mods = _base_modules(base_ck)
     if not base_mods:
         raise WdaError(base_ck.source, "the base checkpoint holds no 2-D *.weight tensor to analyse",
@@ -408,14 +475,16 @@ def discover(ckpt_dir: str | Path | None, base: str | Path | None = None,
 
     transposed = _transposed_modules(base_ck, runs, opened, base_mods, fan_in_fan_out)
     config = base_ck.config() if split_fused else None  # tells how fused q/k/v are laid out
-    infos = _select_modules(base_mods, runs, modules, base_ck, transposed, config)
+    in_proj = _in_proj_modules(base_ck, base_mods, runs, split_fused)
+    infos = _select_modules(base_mods, runs, modules, base_ck, transposed, config, in_proj)
     base_folder = base_ck.path if base_ck.path.is_dir() else base_ck.path.parent
-    infos = _split_fused(infos, config, base_folder / MODEL_CONFIG, modules, runs)
+    infos = _split_fused(infos, config, base_folder / MODEL_CONFIG, modules, runs, in_proj)
     for m in infos:
         _check_dtype(base_ck.weights[m.tensor])
     layout = Layout(root, base_path, runs, infos, skipped, notes)
     _validate(layout, opened, broken)
     layout.runs = sorted([r for r in layout.runs if r.steps], key=_run_order)
+    layout.notes += _endpoint_notes(layout.runs)
     if not layout.runs:
         raise WdaError(root, "no valid checkpoint left to analyse", "every checkpoint was skipped as broken")
     if not layout.module_pairs():
@@ -479,25 +548,60 @@ def _transposed_modules(base: Checkpoint, runs: list[Run], opened: dict[Path, Ch
     return out
 
 
-def _matches_module(name: str, pat: str, config: dict | None) -> bool:
-    """``pat`` names this module, or one of its q/k/v parts if it is a fused projection."""
+def _in_proj_modules(base: Checkpoint, base_mods: dict, runs: list[Run], split: bool) -> dict[str, Path]:
+    """The base's torch.nn.MultiheadAttention fused q/k/v (``<attn>.in_proj_weight``, the module
+    ``<attn>.in_proj``) -> the file holding it: split by their own layout, no config needed. With
+    ``split`` off only those whose parts are adapted (an adapter on a part has no whole to measure)."""
+    out = {}
+    for b in base_mods:
+        if b.endswith(IN_PROJ) and base.weights[b].key.endswith(IN_PROJ_SUFFIX):
+            if split or any(f"{b}.{k}" in r.adapter_names for r in runs for k in fused_qkv.PARTS):
+                out[b] = base.weights[b].file
+    return out
+
+
+def _fused_kinds(config: dict | None, name: str, in_proj: Collection[str] = ()) -> tuple[str, ...]:
+    """The parts a fused projection is split into: q, k, v (attention) or gate, up (MLP)."""
+    if fused_qkv.is_fused(config, name) or name in in_proj:
+        return fused_qkv.PARTS
+    return fused_mlp.PARTS if fused_mlp.is_fused(config, name) else ()
+
+
+def _fused_parts(config: dict | None, m: ModuleInfo, in_proj: Collection[str]) -> list[fused_qkv.FusedPart] | None:
+    if m.name in in_proj:
+        return fused_qkv.in_proj_parts(m.name, m.out_features, m.in_features)
+    return (fused_qkv.fused_parts(config, m.name, m.out_features)
+            or fused_mlp.fused_parts(config, m.name, m.out_features))
+
+
+def _matches_module(name: str, pat: str, config: dict | None, in_proj: Collection[str] = ()) -> bool:
+    """``pat`` names this module, or one of its parts if it is a fused projection."""
     if matches(name, pat):
         return True
-    return fused_qkv.is_fused(config, name) and any(matches(f"{name}.{k}", pat) for k in fused_qkv.PARTS)
+    return any(matches(f"{name}.{k}", pat) for k in _fused_kinds(config, name, in_proj))
 
 
 def _split_fused(infos: list[ModuleInfo], config: dict | None, config_path: Path,
-                 patterns: list[str] | None, runs: list[Run]) -> list[ModuleInfo]:
-    """Fused attention projections replaced by their q, k, v parts (``c_attn`` -> ``c_attn.q``,
-    ``c_attn.k``, ``c_attn.v``): all three when asked for by name or adapted, else (the
-    default query/value choice) q and v. Adapter runs of the fused module measure each part."""
+                 patterns: list[str] | None, runs: list[Run], in_proj: dict[str, Path] | None = None
+                 ) -> list[ModuleInfo]:
+    """Fused projections replaced by their parts: attention ``c_attn`` -> ``c_attn.q``,
+    ``c_attn.k``, ``c_attn.v`` (all three when asked for by name or adapted, else, the
+    default query/value choice, q and v); gated MLP ``gate_up_proj`` -> ``gate_up_proj.gate``,
+    ``gate_up_proj.up``; a MultiheadAttention ``in_proj`` -> ``in_proj.q``, ``.k``, ``.v``.
+    Adapter runs of the fused module measure each part; adapters on parts alone, their parts."""
     out: list[ModuleInfo] = []
+    in_proj = in_proj or {}
     adapted = {b for r in runs for b in r.adapter_names}
     for m in infos:
         try:
-            parts = fused_qkv.fused_parts(config, m.name, m.out_features)
+            parts = _fused_parts(config, m, in_proj)
         except fused_qkv.FusedLayoutError as exc:
-            raise WdaError(config_path, f"cannot split {m.name!r} into q, k, v: {exc}",
+            kinds = ", ".join(_fused_kinds(config, m.name, in_proj))
+            if m.name in in_proj:
+                raise WdaError(in_proj[m.name], f"cannot split {m.name!r} into {kinds}: {exc}",
+                               "was it saved from an OpenCLIP / MultiheadAttention model? --no-split measures "
+                               "it whole (not for adapters on its q, k, v)") from None
+            raise WdaError(config_path, f"cannot split {m.name!r} into {kinds}: {exc}",
                            "fix config.json, or pass --no-split to measure the fused matrix whole") from None
         if parts is None:
             out.append(m)
@@ -505,7 +609,9 @@ def _split_fused(infos: list[ModuleInfo], config: dict | None, config_path: Path
         if patterns:
             parts = [p for p in parts if any(matches(m.name, pat) or matches(p.name, pat) for pat in patterns)]
         elif m.name not in adapted:
-            parts = [p for p in parts if p.kind in ("q", "v")]
+            # the parts adapted alone (kohya's q_proj / k_proj / v_proj of an in_proj), else the
+            # default query/value choice: no keys
+            parts = [p for p in parts if p.name in adapted] or [p for p in parts if p.kind != "k"]
         for p in parts:
             out.append(dataclasses.replace(m, name=p.name, out_features=len(p.rows),
                                            matrix=f"{m.matrix}.{p.kind}", part=p))
@@ -516,17 +622,19 @@ def _split_fused(infos: list[ModuleInfo], config: dict | None, config_path: Path
 
 
 def _select_modules(base_mods: dict, runs: list[Run], patterns: list[str] | None,
-                    base: Checkpoint, transposed: set[str], config: dict | None = None) -> list[ModuleInfo]:
+                    base: Checkpoint, transposed: set[str], config: dict | None = None,
+                    in_proj: Collection[str] = ()) -> list[ModuleInfo]:
     names: list[str]
     if patterns:
         names = []
         for pat in patterns:
-            hit = [b for b in base_mods if _matches_module(b, pat, config)]
+            hit = [b for b in base_mods if _matches_module(b, pat, config, in_proj)]
             if not hit:
                 raise _no_match(pat, base_mods, base.source)
             names += [h for h in hit if h not in names]
     else:
-        names = sorted({b for r in runs for b in r.adapter_names})
+        # an adapter on a part of a fused in_proj (``<attn>.in_proj.q``) selects the fused module
+        names = sorted({_fused_of(b, base_mods, in_proj) for r in runs for b in r.adapter_names})
         if not names:
             targets = GPT2_DEFAULT_TARGETS if base.model_type() in CONV1D_MODEL_TYPES else DEFAULT_TARGETS
             names = [b for b in base_mods if any(b.endswith("." + t) or b == t for t in targets)
@@ -541,6 +649,13 @@ def _select_modules(base_mods: dict, runs: list[Run], patterns: list[str] | None
         layer, matrix, stack = parse_name(n)
         infos.append(ModuleInfo(n, out_f, in_f, n in transposed, layer, matrix, stack))
     return sorted(infos, key=lambda m: (m.matrix, m.stack, m.layer, m.name))
+
+
+def _fused_of(name: str, base_mods: dict, in_proj: Collection[str]) -> str:
+    """The base module an adapted name selects: itself, or for a part of a fused ``in_proj``
+    (``<attn>.in_proj.q``) the fused module."""
+    fused, _, kind = name.rpartition(".")
+    return fused if name not in base_mods and fused in in_proj and kind in fused_qkv.PARTS else name
 
 
 def _no_match(pat: str, base_mods: dict, where: Path) -> WdaError:
@@ -601,6 +716,8 @@ def _part(t: TensorInfo, module: str) -> str:
 
 def _check_module(ck: Checkpoint, m: ModuleInfo, run: Run) -> None:
     out_f, in_f = m.stored_shape
+    if ck.is_adapter and m.part is not None and not run.adapts_fused(m):
+        out_f = m.out_features  # an adapter on the part alone: its rows only
     if not ck.is_adapter:
         t = ck.weights.get(m.tensor)
         if t is None:

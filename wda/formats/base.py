@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 FT, LORA, DORA = "FT", "LoRA", "DoRA"
 METHOD_ORDER = (FT, LORA, DORA)
 WEIGHT_SUFFIX = ".weight"
+# torch.nn.MultiheadAttention keeps its fused q/k/v projection as ``<attn>.in_proj_weight``
+# (OpenCLIP: the text encoder of SD 2.x, SDXL's second one): the module ``<attn>.in_proj``
+IN_PROJ_SUFFIX = ".in_proj_weight"
+IN_PROJ = ".in_proj"
 MODEL_CONFIG = "config.json"
 # GPT-2 style Conv1D stores (in, out); these model types and module names use it.
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
@@ -66,12 +70,16 @@ class Checkpoint:
 
     Class attributes a format sets: ``format`` (a short label), ``priority`` (detection
     order, lower first: a format whose folders another format would also accept comes
-    first) and ``expects`` (the files it looks for, named when no format fits a folder).
+    first), ``expects`` (the files it looks for, named when no format fits a folder) and
+    ``adapter_format`` (True for adapter files, False for a model's full weights).
     """
 
     format = "checkpoint"
     priority = 50
     expects = ""
+    # an adapter format (what a fine-tuning run alone makes), not a model's full weights: a
+    # folder of it beside the runs of CKPT_DIR is a run of one checkpoint itself
+    adapter_format = False
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -241,8 +249,12 @@ class Checkpoint:
 
 
 def _module_keys(keys, prefix: str) -> dict[str, str]:
-    n = len(WEIGHT_SUFFIX)
-    return {key[len(prefix): -n]: key for key in keys if key.endswith(WEIGHT_SUFFIX) and key.startswith(prefix)}
+    """module -> key: ``<module>.weight``, and ``<attn>.in_proj_weight`` as ``<attn>.in_proj``."""
+    n, fused = len(WEIGHT_SUFFIX), len(IN_PROJ_SUFFIX)
+    out = {key[len(prefix): -n]: key for key in keys if key.endswith(WEIGHT_SUFFIX) and key.startswith(prefix)}
+    out.update({key[len(prefix): -fused] + IN_PROJ: key for key in keys
+                if key.endswith(IN_PROJ_SUFFIX) and key.startswith(prefix)})
+    return out
 
 
 _MODULE_KEYS: dict[tuple[int, str], tuple[dict, dict[str, str]]] = {}

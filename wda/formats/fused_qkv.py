@@ -20,6 +20,11 @@ chatglm (2/3)         ``query_key_value``  multi_query_attention: [Q (h·kv) | K
                                            V (g·kv)]; else per head [q_j; k_j; v_j]
 ====================  ===================  ==============================================
 
+Without a config: torch.nn.MultiheadAttention's ``in_proj_weight`` (OpenCLIP's text encoder,
+in SD 2.x and SDXL checkpoints; the module ``<attn>.in_proj``) is [Q | K | V], E rows each for
+an embedding of E features (``in_proj_parts``; diffusers' ``convert_open_clip_checkpoint``
+splits it so, q first).
+
 H is the hidden size, h the number of query heads, g the number of key/value heads, d the
 head dimension. Only the row sets matter to ΔM and ΔD (means over rows, column norms over
 the selected rows), but the rows are listed in head order all the same. Pure: no files.
@@ -213,6 +218,16 @@ def fused_parts(config: dict[str, Any] | None, module: str, out_features: int) -
         return None
     parts = fam.rule(config, module, out_features)
     return [FusedPart(module, kind, rows, out_features) for kind, rows in parts.items()]
+
+
+def in_proj_parts(module: str, out_features: int, in_features: int) -> list[FusedPart]:
+    """The q, k, v parts of a torch.nn.MultiheadAttention ``in_proj_weight`` (3E, E):
+    [Q | K | V], E rows each. Raises FusedLayoutError when the weight is not (3E, E)."""
+    if out_features != 3 * in_features:
+        raise FusedLayoutError(f"a fused in_proj_weight of shape ({out_features}, {in_features}) is not "
+                               f"(3·E, E): it does not hold q, k and v of one embedding")
+    return [FusedPart(module, kind, rows, out_features)
+            for kind, rows in contiguous((in_features,) * 3).items()]
 
 
 def select_rows(t: torch.Tensor, rows: tuple[int, ...]) -> torch.Tensor:

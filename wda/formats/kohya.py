@@ -10,7 +10,13 @@ On disk (FORMATS.md §3):
   (``match_base``): diffusers names (a U-Net or text-encoder file, or prefixed ``unet.`` /
   ``text_encoder.`` / ``text_encoder_2.``) or original Stable Diffusion names
   (``model.diffusion_model.``, ``cond_stage_model.transformer.``, SDXL
-  ``conditioner.embedders.0.transformer.``).
+  ``conditioner.embedders.0.transformer.``). An SD 1.x / 2.x U-Net LoRA (diffusers names)
+  matches an original checkpoint through diffusers' own renaming (``sd_unet_names``); a
+  text-encoder LoRA of SD 2.x (``lora_te_``) or SDXL's second encoder (``lora_te2_``), named after
+  transformers' CLIP, matches the OpenCLIP weights of an original checkpoint
+  (``cond_stage_model.model.`` / ``conditioner.embedders.1.model.``) through
+  ``open_clip_names``: its q/k/v modules are the q, k, v parts (``<attn>.in_proj.q``) of the
+  fused ``in_proj_weight``, their adapters holding the part's rows only.
 - ``<name>.lora_down.weight`` (r, in[, kh, kw]), ``<name>.lora_up.weight`` (out, r[, 1, 1]),
   ``<name>.alpha`` (a scalar; missing or 0 means alpha = r): ΔW = (alpha / r)·up·down, conv
   factors flattened to 2-D and multiplied (LoCon), the weight flattened the same way
@@ -33,13 +39,15 @@ from pathlib import Path
 import torch
 
 from wda.errors import WdaError
+from wda.formats import open_clip_names, sd_unet_names
 from wda.formats.base import DORA, LORA, AdapterInfo, Checkpoint, TensorInfo
 from wda.formats.tensors import Alloc
 
 PREFIXES = ("lora_unet", "lora_te1", "lora_te2", "lora_te")
 # base tensor-name prefix -> the kohya prefixes its modules take
+LDM_UNET = "model.diffusion_model."  # the U-Net of an original SD / SDXL checkpoint
 BASE_PREFIXES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("model.diffusion_model.", ("lora_unet",)),  # original SD / SDXL checkpoint: U-Net
+    (LDM_UNET, ("lora_unet",)),  # original SD / SDXL checkpoint: U-Net (SDXL LoRAs use these names)
     ("cond_stage_model.transformer.", ("lora_te",)),  # original SD 1.x: CLIP text encoder
     ("conditioner.embedders.0.transformer.", ("lora_te1",)),  # original SDXL: first text encoder
     ("unet.", ("lora_unet",)),
@@ -65,12 +73,26 @@ def _kohya_keys(path: Path) -> list[str] | None:
     """The tensor names of a safetensors file if they are kohya's, else None (headers only)."""
     from safetensors import safe_open
 
+    if not _may_be_kohya(path):  # the usual case, a model's own weights: no key list made
+        return None
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
     except Exception:  # not ours to judge: another format (or the error) will speak
         return None
     return keys if keys and all(_is_kohya_key(k) for k in keys) else None
+
+
+def _may_be_kohya(path: Path) -> bool:
+    """Whether the raw header of a safetensors file names any key with a kohya prefix (a
+    quick test before the keys are listed; unreadable headers pass, to be judged there)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            raw = f.read(min(n, 100_000_000))
+    except OSError:
+        return True
+    return any(f'"{p}_'.encode() in raw for p in PREFIXES)
 
 
 def _files(path: Path) -> list[Path]:
@@ -81,6 +103,7 @@ class KohyaLora(Checkpoint):
     format = "kohya-ss / LyCORIS LoRA"
     priority = 30  # a named file in a folder: before full weights (which take any .safetensors file)
     expects = "a kohya-ss / LyCORIS LoRA .safetensors file (lora_unet_* / lora_te_* keys)"
+    adapter_format = True
 
     @classmethod
     def detect(cls, path: Path) -> bool:
@@ -171,17 +194,30 @@ class KohyaLora(Checkpoint):
     def match_base(self, base_modules: Collection[str]) -> dict[str, str]:
         """kohya name -> base module, by applying kohya's rule to every base module name."""
         forward: dict[str, list[str]] = {}
+        unet = [m[len(LDM_UNET):] for m in base_modules if m.startswith(LDM_UNET)]
+        layers = sd_unet_names.layers_per_block(unet)
         for mod in base_modules:
             for base_prefix, prefixes in BASE_PREFIXES:
                 if mod.startswith(base_prefix):
                     for p in prefixes:
                         forward.setdefault(kohya_name(mod[len(base_prefix):], p), []).append(mod)
+            if mod.startswith(LDM_UNET) and layers is not None:
+                # an SD 1.x / 2.x LoRA names the original U-Net's modules after diffusers
+                alt = sd_unet_names.to_diffusers(mod[len(LDM_UNET):], layers)
+                if alt is not None:
+                    forward.setdefault(kohya_name(alt, "lora_unet"), []).append(mod)
+            for base_prefix, prefix in open_clip_names.PREFIXES:
+                # an OpenCLIP text encoder's modules (q/k/v: parts of in_proj) after transformers' CLIP
+                if mod.startswith(base_prefix):
+                    for hf, target in open_clip_names.to_hf(mod[len(base_prefix):]).items():
+                        forward.setdefault(kohya_name(hf, prefix), []).append(base_prefix + target)
         out = {}
         for name in self.adapters:
             hits = sorted(set(forward.get(name, ())))
             if not hits:
-                hint = ("kohya names SD 1.x U-Net modules after diffusers (down_blocks_...) and SDXL ones after the "
-                        "original checkpoint (input_blocks_...): give the matching base with --base"
+                hint = ("kohya names SD 1.x / 2.x U-Net modules after diffusers (down_blocks_...; a diffusers or "
+                        "an original base fits) and SDXL ones after the original checkpoint (input_blocks_...): "
+                        "give the matching base with --base"
                         if name.startswith("lora_unet") else "give the base model this LoRA was trained on with --base")
                 raise WdaError(self.file, f"LoRA module {name!r} names no weight of the base", hint)
             if len(hits) > 1:

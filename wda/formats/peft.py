@@ -1,23 +1,36 @@
 """PEFT LoRA / DoRA adapters: ``adapter_config.json`` + ``adapter_model.safetensors`` (or
 ``.bin``), merged with PEFT's semantics: ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``),
 ``rank_pattern`` / ``alpha_pattern``, ``fan_in_fan_out``, DoRA ``lora_magnitude_vector`` with
-or without ``.weight``."""
+or without ``.weight``.
+
+A Trainer ``checkpoint-<step>/`` saved without an adapter_config.json (training scripts that
+save the adapter's state dict themselves, as the DoRA reference code's commonsense script does:
+adapter keys in ``pytorch_model.bin``) takes the run folder's own adapter_config.json, the one
+``save_pretrained`` wrote into output_dir at the end, when the modules it adapts are those of
+the run folder's final adapter (``adapter_config_of``, ``check_run_config``)."""
 
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from wda.errors import WdaError
 from wda.formats.base import DORA, LORA, AdapterInfo, Checkpoint
-from wda.formats.tensors import present, read_json, short_repr
+from wda.formats.tensors import TensorFile, present, read_json, short_repr
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_BIN = "adapter_model.bin"
+ADAPTER_FILES = (ADAPTER_SAFETENSORS, ADAPTER_BIN)
+# a checkpoint read with its run folder's config may hold the adapter under these names too
+# (a training script that overrides model.state_dict with the adapter's, then lets the
+# Trainer save "the model")
+CHECKPOINT_FILES = (*ADAPTER_FILES, "model.safetensors", "pytorch_model.bin")
+CHECKPOINT_PREFIX = "checkpoint-"
 PEFT_PREFIX = "base_model.model."
 # PEFT writes the DoRA magnitude without ".weight"; other exporters add it.
 ADAPTER_KEY_RE = re.compile(
@@ -143,30 +156,95 @@ def _config_patterns(path: Path, key: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def adapter_config_of(path: Path) -> Path | None:
+    """The adapter_config.json describing the adapter in folder ``path``: its own, else, for a
+    ``checkpoint-<step>/`` folder, the run folder's (``path.parent``); None when neither."""
+    own = path / ADAPTER_CONFIG
+    if present(own):
+        return own
+    run = path.parent / ADAPTER_CONFIG
+    return run if path.name.startswith(CHECKPOINT_PREFIX) and present(run) else None
+
+
+def adapter_weights(path: Path, config: Path | None) -> Path | None:
+    """The file holding the adapter of checkpoint folder ``path`` read with ``config`` (its
+    own, or None: adapter files only; the run folder's: also the names of full weights)."""
+    own = config is None or config.parent == path
+    return next((path / n for n in (ADAPTER_FILES if own else CHECKPOINT_FILES) if present(path / n)), None)
+
+
+def check_run_config(weights: Path, config: Path, modules: Iterable[str],
+                     names: Callable[[Iterable[str]], set[str]]) -> None:
+    """A checkpoint read with its run folder's ``config`` must adapt the very modules the run
+    folder's final adapter adapts (``names``: module names of a file's keys), when the run
+    folder holds one: another adapter's config would give a wrong merge, not an error."""
+    final = next((config.parent / n for n in ADAPTER_FILES if present(config.parent / n)), None)
+    if final is None:
+        return
+    mine, theirs = set(modules), names(TensorFile(final).shapes)
+    if mine != theirs:
+        odd = sorted(mine ^ theirs)
+        where = "only here" if odd[0] in mine else f"only in {final.name}"
+        raise WdaError(weights, f"has no {ADAPTER_CONFIG} of its own, and the run folder's ({config}) belongs to an "
+                                f"adapter of other modules ({odd[0]!r} {where}"
+                                + (f", {len(odd) - 1} more differ)" if len(odd) > 1 else ")"),
+                       f"copy the {ADAPTER_CONFIG} this checkpoint was trained with into {weights.parent}")
+
+
+def missing_config(path: Path) -> WdaError:
+    """The error for adapter weights that no adapter_config.json describes."""
+    found = next(n for n in ADAPTER_FILES if present(path / n))
+    run = (f", nor has the run folder {path.parent} one" if path.name.startswith(CHECKPOINT_PREFIX) else "")
+    return WdaError(path, f"holds {found} but no {ADAPTER_CONFIG}{run}: r, lora_alpha and use_dora are unknown",
+                    f"copy the {ADAPTER_CONFIG} the adapter was saved with into this folder")
+
+
+def peft_module_names(keys: Iterable[str]) -> set[str]:
+    """The modules PEFT adapter keys belong to."""
+    out = set()
+    for key in keys:
+        m = ADAPTER_KEY_RE.match(key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key)
+        if m:
+            out.add(m["module"])
+    return out
+
+
 class PeftAdapter(Checkpoint):
     format = "PEFT adapter"
     priority = 20
     expects = f"{ADAPTER_CONFIG} + {ADAPTER_SAFETENSORS}"
+    adapter_format = True
 
     @classmethod
     def detect(cls, path: Path) -> bool:
-        return path.is_dir() and present(path / ADAPTER_CONFIG)
+        """Its own adapter_config.json; or adapter weights and the run folder's config; or
+        adapter weights alone (an error naming the missing config)."""
+        if not path.is_dir():
+            return False
+        cfg = adapter_config_of(path)
+        if cfg is not None and cfg.parent == path:
+            return True
+        return (cfg is not None and adapter_weights(path, cfg) is not None
+                or any(present(path / n) for n in ADAPTER_FILES))
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        cfg = self.config_ = AdapterConfig.from_file(path / ADAPTER_CONFIG)
-        for name in (ADAPTER_SAFETENSORS, ADAPTER_BIN):
-            if present(path / name):
-                self._add_file(path / name)
-                break
-        else:
+        cfg_path = adapter_config_of(path)
+        if cfg_path is None:
+            raise missing_config(path)
+        cfg = self.config_ = AdapterConfig.from_file(cfg_path)
+        weights = adapter_weights(path, cfg_path)
+        if weights is None:
             raise WdaError(path, f"{ADAPTER_CONFIG} found but no {ADAPTER_SAFETENSORS} or {ADAPTER_BIN}",
                            "restore the adapter weights or remove this checkpoint")
+        self._add_file(weights)
         self.method = DORA if cfg.use_dora else LORA
         self.fan_in_fan_out = cfg.fan_in_fan_out
         self.base_model = cfg.base_model
-        self.method_file = path / ADAPTER_CONFIG
+        self.method_file = cfg_path
         self.adapters = self._index()
+        if cfg_path.parent != path:
+            check_run_config(weights, cfg_path, self.adapters, peft_module_names)
 
     def _index(self) -> dict[str, AdapterInfo]:
         where, cfg = self.source, self.config_

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wda.errors import WdaError
+from wda.steps import step_text
 
 log = logging.getLogger("wda")
 
@@ -39,15 +40,17 @@ def _parser() -> argparse.ArgumentParser:
                     "CKPT_DIR: per layer and step, the magnitude change ΔM and direction change ΔD "
                     "against the pretrained weights, regression fits, Figure 2 and a report.",
         epilog="Layout: CKPT_DIR/base/ (W_0) and CKPT_DIR/<run>/checkpoint-<step>/ folders, or CKPT_DIR = one "
-               "run (a Trainer output_dir holding checkpoint-<step>/ folders), or runs given with --run. "
+               "run (a Trainer output_dir holding checkpoint-<step>/ folders), or one checkpoint (a final "
+               "adapter, save_pretrained output: one run of one checkpoint), or runs given with --run. "
                "Checkpoints hold full weights (model.safetensors, sharded, pytorch_model.bin, FSDP "
                "pytorch_model_fsdp_0/) or PEFT adapters. "
                "Exit status: 0 done, 2 bad input, 1 internal error, 130 interrupted.")
     p.add_argument("ckpt_dir", metavar="CKPT_DIR", nargs="?",
                    help="a folder of runs (with base/), or one run's folder of checkpoint-<step>/ folders "
-                        "(a Trainer output_dir); optional with --run")
+                        "(a Trainer output_dir), or one checkpoint's folder; optional with --run")
     p.add_argument("--run", metavar="NAME=PATH", action="append", default=[],
-                   help="a run to analyse: a folder of checkpoint-<step>/ folders, anywhere (repeatable)")
+                   help="a run to analyse: a folder of checkpoint-<step>/ folders, or one checkpoint's "
+                        "folder (a final adapter), anywhere (repeatable)")
     p.add_argument("--out", metavar="OUT", help="report folder (default: reports/<name of CKPT_DIR>)")
     p.add_argument("--modules", metavar="LIST",
                    help="comma-separated module-name suffixes (q_proj) or regular expressions "
@@ -70,8 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="render the rows wda.Tracker wrote during training (CKPT_DIR/<run>/tracker/) "
                         "instead of measuring checkpoints; automatic when CKPT_DIR is a tracker's folder")
     p.add_argument("--no-split", action="store_true",
-                   help="measure fused attention projections (GPT-2 c_attn, query_key_value, qkv_proj, "
-                        "Wqkv) whole instead of as their q, k, v parts")
+                   help="measure fused projections whole: attention (GPT-2 c_attn, query_key_value, qkv_proj, "
+                        "Wqkv) instead of as q, k, v; gated MLP (gate_up_proj, dense_h_to_4h) instead of as gate, up")
     p.add_argument("--skip-broken", action="store_true",
                    help="skip broken checkpoints (listed in the report) instead of stopping")
     p.add_argument("--dry-run", action="store_true",
@@ -266,11 +269,13 @@ def _write_figures(metrics, fits, why, out: Path, relative_dm: bool = False
             label = paper_fig.get(matrix.rsplit(".", 1)[-1], "Figure 2 layout")  # c_attn.q: a query
             what = "ΔM / mean ||m_0||" if relative_dm else "ΔM"
             figures[f"{matrix}: {what} against ΔD per run, axis {axis} (paper {label})"] = f"{stem}.png"
-            fig = trajectories(sub, matrix=matrix, y=y)
-            stem = figure_name("trajectories", matrix, axis, relative_dm)
-            fig.savefig(out / f"{stem}.png", dpi=150, metadata={"Software": None}, bbox_inches="tight")
-            files.append(f"{stem}.png")
-            figures[f"{matrix}: {what} and ΔD against step, per layer, axis {axis}"] = f"{stem}.png"
+            if sub[sub["matrix"] == matrix].groupby("run")["step"].nunique().max() > 1:
+                # a course over training: not for runs that are single endpoints (one checkpoint each)
+                fig = trajectories(sub, matrix=matrix, y=y)
+                stem = figure_name("trajectories", matrix, axis, relative_dm)
+                fig.savefig(out / f"{stem}.png", dpi=150, metadata={"Software": None}, bbox_inches="tight")
+                files.append(f"{stem}.png")
+                figures[f"{matrix}: {what} and ΔD against step, per layer, axis {axis}"] = f"{stem}.png"
             if sub.loc[sub["matrix"] == matrix, "train_loss"].notna().any():  # trainer_state.json
                 fig = trajectories(sub, matrix=matrix, y=y, x="train_loss")
                 stem = figure_name("loss", matrix, axis, relative_dm)
@@ -385,7 +390,7 @@ def _dry_run(args) -> int:
     covered = {r.name for _, r in pairs}
     for run in layout.runs:
         none = "  (covers none of the selected modules)" if run.name not in covered else ""
-        print(f"  {run.name:<16} {run.method:<5} {run.path}  steps {', '.join(map(str, run.steps))}{none}")
+        print(f"  {run.name:<16} {run.method:<5} {run.path}  steps {', '.join(map(step_text, run.steps))}{none}")
     for m in layout.modules:
         flag = "  (stored in, out)" if m.transposed else ""
         print(f"  {m.name}  (out={m.out_features}, in={m.in_features}){flag}")

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from wda.report.fit import METHOD_ORDER, MIN_LAYERS_PER_STEP, ordered_runs
+from wda.steps import step_text
 
 # Paper, Sec. 4.1 (discussing Fig. 2): correlation between ΔD and ΔM of the query
 # matrices of VL-BART. No numbers are given for the value matrices (Fig. 6).
@@ -82,7 +83,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]],
 def _steps_text(steps: Sequence[int]) -> str:
     steps = sorted(int(s) for s in steps)
     if len(steps) <= 8:
-        return ", ".join(map(str, steps))
+        return ", ".join(map(step_text, steps))
     return f"{steps[0]}, {steps[1]}, {steps[2]}, …, {steps[-1]} ({len(steps)} steps)"
 
 
@@ -209,8 +210,9 @@ def _ci(low: object, high: object, spec: str = "+.2f") -> str:
     return f"[{fmt(low, spec)}, {fmt(high, spec)}]" if _isnum(low) else NA
 
 
-def inference_text(fits: pd.DataFrame) -> str:
-    """What the CI and p of the fits tables are, in words, with the resample counts used."""
+def inference_text(fits: pd.DataFrame, one_step: bool = False) -> str:
+    """What the CI and p of the fits tables are, in words, with the resample counts used.
+    ``one_step``: every run has one checkpoint, so a point is a layer (no repeated measures)."""
     n_boot = int(fits["n_boot"].iloc[0]) if "n_boot" in fits and len(fits) else 0
     used = fits[fits["n_perm"] > 0] if "n_perm" in fits else fits.iloc[:0]
     exact = [int(u) == math.factorial(int(g)) for u, g in zip(used["n_perm"], used["n_layers"])]
@@ -225,6 +227,15 @@ def inference_text(fits: pd.DataFrame) -> str:
     else:
         perm = (f"a two-sided permutation p-value ({int(used['n_perm'].max())} seeded random "
                 "pairings of the layers, or all G! when fewer)")
+    if one_step:
+        p_text = (f"p is {perm}" if used.empty else
+                  f"p is {perm} of the layers' ΔM values: with one step per layer, the ordinary "
+                  "permutation test of r, and with G layers p ≥ 2/G! (0.083 for 4 layers)")
+        return (f"Every run is one checkpoint (a single endpoint), so each point is one layer (one "
+                f"module) and the fits are across layers only, with no course over training. The "
+                f"{level:.0%} CIs of r and of the slope are {boot}: with one step per layer, the "
+                f"ordinary bootstrap. {p_text}. The columns marked *naive* (t-test p, bootstrap "
+                "over points) are shown for comparison.")
     return (f"Each layer is measured at several steps, so the points are repeated measures, not "
             f"independent: the layer (one module) is the resampling unit. The {level:.0%} CIs of r "
             f"and of the slope are {boot}. p is {perm} that permutes the layers' ΔM trajectories "
@@ -238,7 +249,7 @@ def inference_text(fits: pd.DataFrame) -> str:
             "bootstrap over points): shown for comparison only, they overstate the certainty.")
 
 
-def _fits_section(fits: pd.DataFrame) -> str:
+def _fits_section(fits: pd.DataFrame, metrics: pd.DataFrame | None = None) -> str:
     level = fits["ci_level"].iloc[0] if "ci_level" in fits and len(fits) else 0.95
     rows = [(f.run, f.method, f.matrix, f.n, f.n_layers, fmt_r(f.pearson_r, f.note),
              _ci(f.r_ci_low, f.r_ci_high), fmt(f.p_perm, ".2g"), fmt(f.spearman_rho, "+.2f"),
@@ -250,11 +261,17 @@ def _fits_section(fits: pd.DataFrame) -> str:
         "`slope` and `intercept` are the least-squares line ΔM = slope · ΔD + intercept "
         "(units of ΔM per ΔD); `r` is the Pearson correlation and ρ Spearman's rank "
         "correlation. A slope is not a correlation.", "",
-        inference_text(fits), "",
+        inference_text(fits, one_step=_one_step(metrics)), "",
         table(["run", "method", "matrix", "points", "layers", "Pearson r",
                f"{level:.0%} CI of r (layers)", "p (layer permutation)", "Spearman ρ", "slope",
                f"{level:.0%} CI of slope (layers)", "intercept", "naive p", "naive CI of r"],
               rows, [False, False, False, *[True] * 11]), ""])
+
+
+def _one_step(metrics: pd.DataFrame | None) -> bool:
+    """Every run of the table has one checkpoint."""
+    return (metrics is not None and len(metrics) > 0
+            and int(metrics.groupby("run")["step"].nunique().max()) == 1)
 
 
 def _paper_section(fits: pd.DataFrame) -> str:
@@ -317,7 +334,7 @@ def _per_step_section(fits: pd.DataFrame, per_step: pd.DataFrame | None) -> str:
         columns[f"{f.run} · {f.matrix} (n = {n_text})"] = {
             s: _per_step_cell(v, n) for s, v, n in zip(ps["step"], ps["pearson_r"], ps["note"])}
     steps = sorted(set(per_step["step"]))
-    pivot = [(s, *(col.get(s, NA) for col in columns.values())) for s in steps]
+    pivot = [(step_text(s), *(col.get(s, NA) for col in columns.values())) for s in steps]
     head.append(table(["run", "matrix", "layers per step", "pooled r", "median per-step r",
                        "steps with pooled sign", "reported steps", "steps"], summary,
                       [False, False, True, True, True, True, True, True]))
@@ -415,7 +432,7 @@ def render_report(metrics: pd.DataFrame, fits: pd.DataFrame,
     intro = (f"# Weight-decomposition analysis: `{name}`\n\n"
              "Magnitude and direction change of each weight matrix against the pretrained "
              "weights, per layer and training step, after Liu et al., DoRA (Sec. 3.2, Fig. 2).\n")
-    parts = [intro, _inputs_section(metrics, manifest), _fits_section(fits),
+    parts = [intro, _inputs_section(metrics, manifest), _fits_section(fits, metrics),
              _paper_section(fits), _per_step_section(fits, fits_per_step),
              _drivers_section(drivers, drivers_per_step), _figures_section(figures), _reproduce_section(manifest)]
     return "\n".join(parts).rstrip() + "\n"

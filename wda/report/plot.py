@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from wda.report.fit import fit_groups, ordered_runs
+from wda.steps import step_text
 
 # Filled markers only, so that each point carries its layer colour; they repeat past 12.
 MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
@@ -171,7 +172,7 @@ def _step_legend(fig: Figure, steps: list, ax: Axes | None = None) -> None:
     handles = [Line2D([], [], linestyle="", marker=MARKERS[i % len(MARKERS)], markersize=4,
                       color="0.45", markeredgecolor="0.15", markeredgewidth=0.3)
                for i in range(len(steps))]
-    labels = [str(s) for s in steps]
+    labels = [step_text(s) for s in steps]
     title = "step" if len(steps) <= len(MARKERS) else f"step (markers repeat every {len(MARKERS)})"
     ncols = min(len(steps), 12)
     nrows = math.ceil(len(steps) / ncols)

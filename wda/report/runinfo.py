@@ -37,8 +37,12 @@ def _json(path: Path) -> dict[str, Any] | None:
 
 
 def adapter_settings(checkpoint: Path) -> dict[str, Any]:
-    """The PEFT fields of a checkpoint's adapter_config.json (empty for full weights)."""
-    raw = _json(checkpoint / ADAPTER_CONFIG) or {}
+    """The PEFT fields of a checkpoint's adapter_config.json (empty for full weights); a
+    ``checkpoint-<step>/`` saved without one is read with its run folder's."""
+    raw = _json(checkpoint / ADAPTER_CONFIG)
+    if raw is None and checkpoint.name.startswith("checkpoint-"):
+        raw = _json(checkpoint.parent / ADAPTER_CONFIG)
+    raw = raw or {}
     out = {k: raw[k] for k in ADAPTER_FIELDS if k in raw}
     if isinstance(out.get("target_modules"), list):
         out["target_modules"] = sorted(out["target_modules"])

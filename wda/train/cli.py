@@ -50,6 +50,10 @@ METHODS = ("ft", "lora", "dora")
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
 CACHE_FORMAT = 1  # bump when the pretraining code changes what a cached base contains
+# Pretrained bases committed with the code (the default options' base, on the stdlib of the
+# Python that made it): found by their options and corpus, so the demo and the tests do not
+# pretrain. How each was made: bases/README.md.
+SHIPPED_BASES = Path(__file__).resolve().parent / "bases"
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -356,11 +360,20 @@ def pretrain(cfg: TrainConfig, corpora: Corpora) -> tuple[Transformer, dict[str,
     return model, hist
 
 
-def cache_key(cfg: TrainConfig, corpora: Corpora) -> str:
-    """Hash of everything that decides the base: options, corpus bytes, code versions."""
-    blob = {"options": base_options(cfg), "format": CACHE_FORMAT, "torch": torch.__version__,
-            "pretrain_corpus": corpora.pretrain.digest()}
+def cache_key(cfg: TrainConfig, corpora: Corpora, with_torch: bool = True) -> str:
+    """Hash of everything that decides the base: options, corpus bytes, code versions.
+    Without torch's version: the key of a shipped base (``SHIPPED_BASES``), which any torch
+    loads to the same weights."""
+    blob = {"options": base_options(cfg), "format": CACHE_FORMAT, "pretrain_corpus": corpora.pretrain.digest()}
+    if with_torch:
+        blob["torch"] = torch.__version__
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def shipped_base(cfg: TrainConfig, corpora: Corpora) -> Path | None:
+    """The base that ships with wda for these options and this corpus, if there is one."""
+    entry = SHIPPED_BASES / f"base-{cache_key(cfg, corpora, with_torch=False)}"
+    return entry if (entry / "pretrain_log.json").is_file() else None
 
 
 def default_cache_dir() -> Path:
@@ -412,6 +425,8 @@ def load_or_pretrain(cfg: TrainConfig, corpora: Corpora) -> tuple[Transformer, d
     key = cache_key(cfg, corpora)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     entry = cache / f"base-{key}"
+    if cfg.use_cache and not (entry / "pretrain_log.json").is_file():
+        entry = shipped_base(cfg, corpora) or entry  # the default base ships with wda
     if cfg.use_cache and (entry / "pretrain_log.json").is_file():
         log.info("pretrained base from cache %s", entry)
         hist = json.loads((entry / "pretrain_log.json").read_text())
