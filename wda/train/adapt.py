@@ -137,6 +137,36 @@ def adapter_parameters(model: nn.Module, trainable_only: bool = True) -> dict[st
     return out
 
 
+_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d)
+NORMS_BIASES_NAME = "norms_biases.safetensors"
+
+
+def norm_bias_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every norm-layer parameter and every bias outside the adapters' A/B, by full name
+    (PEFT ``bias="all"`` plus the norms: what the paper's VL-BART recipe also trains)."""
+    wrappers = adapter_modules(model)
+    out = {}
+    for mname, module in model.named_modules():
+        inside = any(mname.startswith(w + ".lora_") for w in wrappers)
+        for pname, p in module.named_parameters(recurse=False):
+            if not inside and (isinstance(module, _NORMS) or pname == "bias"):
+                out[f"{mname}.{pname}" if mname else pname] = p
+    return out
+
+
+def save_norms_biases(model: nn.Module, out_dir: str | Path) -> Path:
+    """Write :func:`norm_bias_parameters` to ``out_dir/norms_biases.safetensors``, under the
+    names of the plain model (``.base_layer`` dropped). Adapter readers ignore the file: it
+    completes the checkpoint of a run that trained them, it is not part of the PEFT adapter."""
+    from safetensors.torch import save_file
+
+    tensors = {k.replace(".base_layer.", "."): p.detach().to("cpu").contiguous()
+               for k, p in norm_bias_parameters(model).items()}
+    path = Path(out_dir) / NORMS_BIASES_NAME
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
+
+
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain ``nn.Linear`` back."""
     for name, module in adapter_modules(model).items():

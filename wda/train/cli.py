@@ -39,7 +39,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wda import __version__
-from wda.train.adapt import AdapterSpec, adapter_parameters, add_adapters, matches, save_adapter
+from wda.train.adapt import (AdapterSpec, adapter_parameters, add_adapters, matches,
+                             norm_bias_parameters, save_adapter, save_norms_biases)
 from wda.train.corpus import CORPORA, Corpus, eval_windows, load_corpus, random_batch
 from wda.train.model import ModelConfig, Transformer
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 
 METHODS = ("ft", "lora", "dora")
 SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adamw", "sgd")
 CACHE_FORMAT = 1  # bump when the pretraining code changes what a cached base contains
 # Pretrained bases committed with the code (the default options' base, on the stdlib of the
 # Python that made it): found by their options and corpus, so the demo and the tests do not
@@ -99,6 +101,7 @@ class TrainConfig:
     warmup: int = 0
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # fine-tuning; "sgd": SGD with momentum beta1 (pretraining: AdamW)
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -108,6 +111,9 @@ class TrainConfig:
     dora_lr: float = 1e-3
     dora_magnitude_lr_mult: float = 1.0
     ft_only_targets: bool = False  # FT trains only the target modules (default: everything)
+    # LoRA/DoRA also train every norm weight and bias (the paper's VL-BART recipe); FT trains
+    # them anyway
+    train_norms_biases: bool = False
     # adapters
     rank: int = 8
     alpha: float = 16.0
@@ -124,6 +130,7 @@ class TrainConfig:
     eval_every: int = 50
     log_every: int = 50
     cache_dir: str | None = None  # None: $WDA_CACHE_DIR or ~/.cache/wda
+    base_dir: str | None = None  # a saved base (model.safetensors + config.json): no pretraining
     use_cache: bool = True
     overwrite: bool = False
 
@@ -137,6 +144,8 @@ class TrainConfig:
         for name in ("schedule", "pretrain_schedule"):
             if getattr(self, name) not in SCHEDULES:
                 raise ValueError(f"{name} must be one of {SCHEDULES}, not {getattr(self, name)!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {self.optimizer!r}")
         for name in ("pretrain_corpus", "downstream_corpus"):
             if getattr(self, name) not in CORPORA:
                 raise ValueError(f"{name} must be one of {sorted(CORPORA)}, not {getattr(self, name)!r}")
@@ -239,8 +248,10 @@ def train_loop(model: Transformer, groups: list[dict], data: torch.Tensor, *, st
                grad_clip: float, evals: Sequence[EvalSet], eval_every: int, log_every: int,
                save_at: Sequence[int] = (), save: Callable[[int], None] | None = None,
                on_step: Callable[[int], None] | None = None, tag: str = "train",
-               loss_fn: LossFn | None = None) -> dict[str, Any]:
+               loss_fn: LossFn | None = None, optimizer: str = "adamw") -> dict[str, Any]:
     """AdamW on ``groups`` for ``steps`` updates; evaluate, log and save along the way.
+    ``optimizer="sgd"``: ``torch.optim.SGD`` with momentum ``betas[0]`` instead (its weight
+    decay is L2, added to the gradient); ``eps`` and ``betas[1]`` are then unused.
 
     ``loss_fn(model, x, y)`` is the training objective (default: next-byte cross entropy,
     ``model.loss``); the evaluations always report ``model.loss`` on ``evals``.
@@ -249,7 +260,12 @@ def train_loop(model: Transformer, groups: list[dict], data: torch.Tensor, *, st
     0, every ``eval_every`` steps, at every saved step and at the end). ``on_step(done)`` runs
     after every update (the tracker).
     """
-    opt = torch.optim.AdamW(groups, betas=betas, eps=eps)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, betas=betas, eps=eps)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(groups, momentum=betas[0])
+    else:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {optimizer!r}")
     peak = [g["lr"] for g in opt.param_groups]
     params = [p for g in groups for p in g["params"]]
     save_at = set(save_at)
@@ -386,8 +402,26 @@ def load_base(base_dir: str | Path) -> Transformer:
     return model.eval()
 
 
+def given_base(cfg: TrainConfig) -> tuple[Transformer, dict[str, Any]]:
+    """The base saved in ``cfg.base_dir`` and the pretraining log beside it (if any); its
+    shape must be ``cfg``'s (a mismatch is refused, not silently used)."""
+    d = Path(cfg.base_dir)
+    if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+        raise ValueError(f"{d}: no saved base here (needs model.safetensors and config.json)")
+    model = load_base(d)
+    if model.cfg != cfg.model_config():
+        raise ValueError(f"{d}/config.json: the base is {asdict(model.cfg)}, the options ask "
+                         f"for {asdict(cfg.model_config())}")
+    log_path = d / "pretrain_log.json"
+    hist = json.loads(log_path.read_text()) if log_path.is_file() else {"eval": []}
+    return model, hist | {"cached": True, "cache_path": str(d), "base_dir": str(d)}
+
+
 def load_or_pretrain(cfg: TrainConfig, corpora: Corpora) -> tuple[Transformer, dict[str, Any]]:
-    """The pretrained base: from the cache when present, else trained and cached atomically."""
+    """The pretrained base: ``cfg.base_dir`` if given, else from the cache when present,
+    else trained and cached atomically."""
+    if cfg.base_dir is not None:
+        return given_base(cfg)
     key = cache_key(cfg, corpora)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     entry = cache / f"base-{key}"
@@ -447,6 +481,12 @@ def param_groups(cfg: TrainConfig, method: str,
         # Own group so dora_magnitude_lr_mult applies; a magnitude is a vector: no decay.
         groups.append({"params": list(mags.values()), "lr": lr * cfg.dora_magnitude_lr_mult,
                        "weight_decay": 0.0})
+    if cfg.train_norms_biases:
+        extra = norm_bias_parameters(model)
+        for p in extra.values():
+            p.requires_grad_(True)
+        if extra:
+            groups.append({"params": list(extra.values()), "lr": lr, "weight_decay": 0.0})
     return groups, spec, modules
 
 
@@ -489,6 +529,8 @@ def finetune(cfg: TrainConfig, method: str, base: Transformer, corpora: Corpora,
                           metadata={"format": "pt"})
             else:
                 save_adapter(model, ckpt, spec)
+                if cfg.train_norms_biases:
+                    save_norms_biases(model, ckpt)
 
     hist = train_loop(
         model, groups, corpora.downstream.train, steps=cfg.steps, batch_size=cfg.batch_size,
@@ -496,7 +538,8 @@ def finetune(cfg: TrainConfig, method: str, base: Transformer, corpora: Corpora,
         min_lr_ratio=cfg.min_lr_ratio, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
         grad_clip=cfg.grad_clip, evals=eval_sets(cfg, corpora), eval_every=cfg.eval_every,
         log_every=cfg.log_every, save_at=save_at, save=save,
-        on_step=tracker.step if tracker is not None else None, tag=method, loss_fn=loss_fn)
+        on_step=tracker.step if tracker is not None else None, tag=method, loss_fn=loss_fn,
+        optimizer=cfg.optimizer)
     model.eval()
     hist |= {"method": method, "trainable_params": n_trainable, "modules": modules,
              "checkpoint_steps": save_at, "peak_lr": [g["lr"] for g in groups]}
@@ -575,7 +618,8 @@ HELP = {
     "pretrain_lr": "peak pretraining lr", "pretrain_min_lr_ratio": "final lr / peak lr",
     "pretrain_warmup": "pretraining warmup steps", "pretrain_weight_decay": "AdamW decay on matrices",
     "pretrain_beta2": "AdamW beta2 of pretraining", "pretrain_grad_clip": "max grad norm (0: off)",
-    "batch_size": "fine-tuning batch size", "beta1": "AdamW beta1", "beta2": "AdamW beta2",
+    "batch_size": "fine-tuning batch size", "beta1": "AdamW beta1 (SGD: the momentum)",
+    "optimizer": f"fine-tuning optimizer, one of {OPTIMIZERS} (pretraining: AdamW)", "beta2": "AdamW beta2",
     "eps": "AdamW eps", "lora_dropout": "dropout on the adapter input",
     "pretrain_corpus": f"one of {sorted(CORPORA)}", "downstream_corpus": f"one of {sorted(CORPORA)}",
     "pretrain_max_bytes": "cap on the corpus size ('none': all of it)",
@@ -592,6 +636,8 @@ HELP = {
     "lora_lr": "peak lr of LoRA", "dora_lr": "peak lr of DoRA's A and B",
     "dora_magnitude_lr_mult": "DoRA magnitude lr = dora_lr * this",
     "ft_only_targets": "FT trains only the --targets modules (default: all weights)",
+    "train_norms_biases": "LoRA/DoRA also train all norm weights and biases (no decay, the "
+                          "adapter lr); saved beside each adapter as norms_biases.safetensors",
     "rank": "adapter rank r", "alpha": "adapter alpha (scaling alpha/r)",
     "use_rslora": "scaling alpha/sqrt(r)", "targets": "modules to adapt: name suffixes or regexes",
     "dora_detach_norm": "treat ||W0 + sBA|| as a constant in backprop (paper Sec. 4.3)",
@@ -604,6 +650,8 @@ HELP = {
     "only at start, checkpoints and end)", "log_every": "log a line every K steps (0: off)",
     "cache_dir": "pretrained-base cache (None: $WDA_CACHE_DIR or ~/.cache/wda)",
     "use_cache": "load / store the pretrained base in the cache",
+    "base_dir": "use this saved base (model.safetensors + config.json, e.g. a run's base/) "
+                "instead of pretraining; the model shape options must match its config.json",
     "overwrite": "replace existing base/ and run folders in --out",
 }
 
@@ -623,7 +671,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(flag, type=_csv, metavar="A,B", **kw)
         elif f.name in ("pretrain_max_bytes", "downstream_max_bytes", "pretrain_seed"):
             p.add_argument(flag, type=_int_or_none, **kw)
-        elif f.name == "cache_dir":
+        elif f.name in ("cache_dir", "base_dir"):
             p.add_argument(flag, type=str, **kw)
         else:
             p.add_argument(flag, type=type(default), **kw)
@@ -649,8 +697,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     record = json.loads((out / "train_log.json").read_text())
     pre = record["pretrain"]
-    print(f"base: pretrain loss {pre['eval'][0]['pretrain_val']:.3f} -> "
-          f"{pre['eval'][-1]['pretrain_val']:.3f}" + (" (cached)" if pre["cached"] else ""))
+    if pre.get("eval"):
+        print(f"base: pretrain loss {pre['eval'][0]['pretrain_val']:.3f} -> "
+              f"{pre['eval'][-1]['pretrain_val']:.3f}" + (" (cached)" if pre["cached"] else ""))
+    else:
+        print(f"base: {pre['cache_path']}")
     for m, h in record["runs"].items():
         a, b = h["eval"][0], h["eval"][-1]
         print(f"{m:5s} downstream val {a['downstream_val']:.3f} -> {b['downstream_val']:.3f}, "

@@ -12,6 +12,8 @@ Corpora (``CORPORA``):
 - ``docstrings``: the docstrings of those files (technical English prose), via ``ast``.
 - ``topics``: ``pydoc_data.topics``, the language reference text behind ``help()`` (prose).
 - ``arith``: generated ``a+b=c`` lines, a different task rather than a different text.
+- ``mix``: a multi-task mixture of ``topics``, ``docstrings`` and ``arith`` in equal shares,
+  interleaved in 4 KiB blocks (the paper fine-tunes on several tasks at once).
 """
 
 from __future__ import annotations
@@ -130,11 +132,34 @@ def arithmetic(seed: int, max_bytes: int | None) -> bytes:
     return b"".join(lines)[:budget]
 
 
+MIX_PARTS: tuple[str, ...] = ("topics", "docstrings", "arith")
+MIX_BLOCK = 4096
+
+
+def mixture(seed: int, max_bytes: int | None) -> bytes:
+    """``MIX_PARTS`` in equal shares (a third of ``max_bytes`` each; all of ``topics`` and as
+    much of the others when ``max_bytes`` is None), cut into ``MIX_BLOCK``-byte blocks that are
+    shuffled together with ``seed``: every stretch of the corpus is one task, any batch mixes
+    them."""
+    k = len(MIX_PARTS)
+    if max_bytes is None:
+        shares = [len(pydoc_topics(seed, None))] * k
+    else:  # the remainder to the first parts: the shares add up to max_bytes
+        shares = [max_bytes // k + (i < max_bytes % k) for i in range(k)]
+    blocks = []
+    for name, share in zip(MIX_PARTS, shares):
+        data = CORPORA[name](seed, share)[:share]
+        blocks += [data[i:i + MIX_BLOCK] for i in range(0, len(data), MIX_BLOCK)]
+    random.Random(seed).shuffle(blocks)
+    return b"".join(blocks)
+
+
 CORPORA: dict[str, Callable[[int, int | None], bytes]] = {
     "stdlib": stdlib_source,
     "docstrings": stdlib_docstrings,
     "topics": pydoc_topics,
     "arith": arithmetic,
+    "mix": mixture,
 }
 
 

@@ -228,3 +228,50 @@ def sweep_table(run_dirs: Mapping[str, str | Path], schemes: Mapping[str, Sequen
         t.insert(1, "seed", cfg["seed"])
         out.append(t)
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
+
+
+# ---- what drives r, run by run ---------------------------------------------------------------
+DRIVER_SUMMARY_COLUMNS: tuple[str, ...] = (
+    "name", "seed", "method", "matrix", "pearson_r", "r_size", "r_alignment", "r_base_norm",
+    "r_radial", "r_tangential", "s_eff_median", "s_eff_cv", "a_eff_median", "a_eff_sd", "m0_cv",
+    "s_mean_median", "s_mean_cv", "align_mean_sd", "align_abs_mean_sd", "r_dd_s", "r_dd_abs_a",
+    "r_dd_m0", "within_r", "step_r_min", "step_r_max", "n")
+
+
+def _r(x: pd.Series, y: pd.Series) -> float:
+    return float(np.corrcoef(x.to_numpy(float), y.to_numpy(float))[0, 1]) if len(x) > 2 else float("nan")
+
+
+def driver_summary(run_dirs: Mapping[str, str | Path], fractions: Sequence[float] = LATE,
+                   axis: str = "out", matrices: Sequence[str] = ("q_proj", "v_proj")) -> pd.DataFrame:
+    """Per (run, method, matrix): the pooled r over the checkpoints of ``fractions`` with its
+    attribution (``wda.report.attribution.drivers``: size / alignment / base-norm parts,
+    radial / tangential parts, spread of the effective size and alignment), the spread of the
+    measured per-module diagnostics (cv of ``s_mean``, sd of ``align_mean`` and
+    ``align_abs_mean`` across the points), what ΔD follows across the points
+    (r(ΔD, s_mean), r(ΔD, align_abs_mean), r(ΔD, m0_mean)), the within-step r and the range
+    of the cross-layer r of the single steps."""
+    from wda.report.attribution import drivers
+
+    rows = []
+    for name, d in run_dirs.items():
+        cfg = run_config(d)
+        m = select_steps(measure(d, axes=(axis,)), fractions, cfg["steps"])
+        m = m[m["axis"] == axis] if "axis" in m else m
+        m = m[m["matrix"].isin(matrices)]
+        drv = drivers(m, by=("method", "matrix"))
+        per_step = fit_per_step(m, by=["method", "matrix"], n_boot=0, n_perm=0, min_n=3)
+        for _, row in drv.iterrows():
+            g = m[(m["method"] == row["method"]) & (m["matrix"] == row["matrix"])]
+            st = per_step[(per_step["method"] == row["method"]) & (per_step["matrix"] == row["matrix"])]
+            split = covariance_split(g["delta_d"].to_numpy(), g["delta_m"].to_numpy(), g["step"].to_numpy())
+            s = g["s_mean"].astype(float)
+            rows.append({"name": name, "seed": cfg["seed"], **{k: row[k] for k in row.index
+                         if k in DRIVER_SUMMARY_COLUMNS},
+                         "s_mean_median": float(s.median()), "s_mean_cv": float(s.std(ddof=0) / s.mean()),
+                         "align_mean_sd": float(g["align_mean"].std(ddof=0)),
+                         "align_abs_mean_sd": float(g["align_abs_mean"].std(ddof=0)),
+                         "r_dd_s": _r(g["delta_d"], s), "r_dd_abs_a": _r(g["delta_d"], g["align_abs_mean"]),
+                         "r_dd_m0": _r(g["delta_d"], g["m0_mean"]), "within_r": split["r_within"],
+                         "step_r_min": float(st["pearson_r"].min()), "step_r_max": float(st["pearson_r"].max())})
+    return pd.DataFrame(rows, columns=list(DRIVER_SUMMARY_COLUMNS))
