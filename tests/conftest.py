@@ -22,3 +22,10 @@ def ck(pristine, tmp_path) -> Path:
     d = tmp_path / "ck"
     shutil.copytree(pristine, d)
     return d
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with training (``slow``) first: with one worker per core (pytest-xdist,
+    ``--dist loadfile``) their minutes overlap the rest of the suite instead of following it."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept otherwise
