@@ -344,6 +344,7 @@ class BaseWeight:
             fast = self._fast_sums(ud[None], dd2[None], ok[None], m)
             if fast is not None:
                 return fast[0]
+            return summarize(self._with_magnitude(self._finish(ud, dd2, dense, ok), magnitude))
         return summarize(self.changes_lowrank(a, b, scaling, magnitude, projected))
 
     def project(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -404,10 +405,13 @@ class BaseWeight:
                 self._merged = torch.empty_like(w0)
             v = torch.addmm(w0, b.to(self.dtype), a.to(self.dtype), alpha=scaling, out=self._merged)
             return self.changes(v.mul_(_rescale(magnitude, torch.linalg.vector_norm(v, dim=1)).unsqueeze(1)))
-        ch = self._finish(*self._lowrank_sums(a, b, scaling, projected))
+        return self._with_magnitude(self._finish(*self._lowrank_sums(a, b, scaling, projected)), magnitude)
+
+    def _with_magnitude(self, ch: VectorChanges, magnitude: torch.Tensor | None) -> VectorChanges:
+        """The changes of V' = W_0 + s·B·A, or with DoRA's ``magnitude`` (per output row) of
+        m · V' / |V'| (Eq. 5): norm |m_n| and the direction of ±V'_n."""
         if magnitude is None:
             return ch
-        # Eq. 5: W'_n = m_n V'_n / |V'_n| has norm |m_n| and the direction of ±V'_n.
         m = _finite_magnitude(magnitude, self.dtype)
         valid = ch.valid & (m != 0)
         dd = torch.where(m < 0, 2.0 - ch.dd, ch.dd)
