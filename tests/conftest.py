@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
+import wda.formats.tensors
 from builders import qv_runs
+
+
+@pytest.fixture(autouse=True)
+def mapped_reads(monkeypatch):
+    """Every full weight the engine reads in-process is a view of its file's pages, as for a
+    real model's matrices (the tests' tiny ones would otherwise be copied with ``pread``,
+    which the subprocess tests and CUDA take)."""
+    monkeypatch.setattr(wda.formats.tensors, "MAPPED_MIN", 0)
 
 
 @pytest.fixture(scope="session")

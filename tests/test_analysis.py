@@ -167,8 +167,8 @@ def test_streaming_memory_does_not_grow_with_steps(tmp_path, monkeypatch):
         alive, peak = [0], [0]
         real = analysis._read_item
 
-        def tracked(item, cache, alloc):
-            loaded = real(item, cache, alloc)
+        def tracked(item, cache, alloc, mapped):
+            loaded = real(item, cache, alloc, mapped)
             for t in loaded.tensors.values():
                 alive[0] += 1
                 peak[0] = max(peak[0], alive[0])
@@ -182,9 +182,14 @@ def test_streaming_memory_does_not_grow_with_steps(tmp_path, monkeypatch):
             p.rename(tmp_path / "ft" / p.name[len("hidden-"):])
         return peak[0]
 
-    # W_0, a batch of full-weight checkpoints measured in one pass, the read-ahead, one in hand
-    bound = 1 + analysis._BATCH_FULL + analysis.AnalysisOptions().prefetch + 1
-    small, large = peak_alive(2 * analysis._BATCH_FULL), peak_alive(20)
+    # W_0, a batch of full-weight checkpoints measured in one pass, the read-ahead, one in hand.
+    # Batches and read-ahead go by bytes, within counts: tiny matrices make the largest ones
+    from wda.analysis.prefetch import LARGE_AHEAD_MAX
+    assert peak_alive(20) <= 1 + analysis._BATCH_MAX + LARGE_AHEAD_MAX + 1
+    # their smallest, so that 20 steps are many batches: the peak stays that of two
+    monkeypatch.setattr(analysis, "_BATCH_BYTES", 0)
+    bound = 1 + analysis._BATCH_MIN + analysis.AnalysisOptions().prefetch + 1
+    small, large = peak_alive(2 * analysis._BATCH_MIN), peak_alive(20)
     assert large <= small + 1 and large <= bound
 
 
@@ -192,11 +197,13 @@ def test_read_buffers_are_reused(tmp_path, monkeypatch):
     """The tensors are read into pooled buffers: for 8 or 20 steps, no more buffers than the
     matrices alive at once (W_0, a batch, the read-ahead, one in hand)."""
     import wda.analysis.buffers
+    import wda.formats.tensors
 
     model = tiny_llama(seed=9, layers=2)
     save_full(model, tmp_path / "base")
     ft_checkpoints(model, tmp_path / "ft", steps=tuple(range(1, 21)), scale=0.004)
     monkeypatch.setattr(wda.analysis.buffers, "POOLED_MIN", 0)  # tiny tensors: pool them all
+    monkeypatch.setattr(wda.formats.tensors, "MAPPED_MIN", 1 << 62)  # and copy them (CUDA's path)
     pools, reads = [], [0]
 
     class Counted(wda.analysis.buffers.BufferPool):
@@ -225,7 +232,8 @@ def test_read_buffers_are_reused(tmp_path, monkeypatch):
         assert df.step.nunique() == n_steps and len(pools) == 1
         return pools[0].allocated, reads[0]
 
-    bound = 1 + analysis._BATCH_FULL + analysis.AnalysisOptions().prefetch + 1
+    monkeypatch.setattr(analysis, "_BATCH_BYTES", 0)  # batches and read-ahead of the fewest matrices
+    bound = 1 + analysis._BATCH_MIN + analysis.AnalysisOptions().prefetch + 1
     (small, n_small), (large, n_large) = buffers(8), buffers(20)
     assert (n_small, n_large) == (2 * 9, 2 * 21), "every tensor goes through the pool"
     # how many are in flight at once depends on the reader thread's timing, never on the steps

@@ -1,10 +1,13 @@
-"""The safetensors reader (header parsed by wda, tensors read with ``pread``) returns exactly
-the bytes the ``safetensors`` package returns, for every dtype, sharded files and edge
-shapes; bad or truncated files give one WdaError line naming the file; read buffers are
-pooled and never reused while something still refers to them."""
+"""The safetensors reader (header parsed by wda, tensors read with ``pread`` or mapped)
+returns exactly the bytes the ``safetensors`` package returns, for every dtype, sharded
+files and edge shapes; bad or truncated files give one WdaError line naming the file; read
+buffers are pooled and never reused while something still refers to them; a mapped tensor's
+mapping goes with its last view."""
 
 from __future__ import annotations
 
+import errno
+import gc
 import json
 import os
 import struct
@@ -16,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import wda.analysis.buffers
+import wda.formats.tensors
 from wda.analysis.buffers import BufferPool
 from wda.errors import WdaError
 from wda.formats import HandleCache, open_checkpoint
@@ -70,6 +74,51 @@ def test_every_dtype_reads_the_bytes_safetensors_reads(every_dtype):
     for k, v in ref.items():
         assert _same_bytes(got[k], v), k
         assert _same_bytes(tf.read(k), v), k
+
+
+def _mappings_of(path: Path) -> int:
+    with open("/proc/self/maps") as f:
+        return sum(line.rstrip().endswith(str(path.resolve())) for line in f)
+
+
+needs_proc_maps = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="Linux only")
+
+
+@needs_proc_maps
+def test_mapped_reads_give_the_bytes_and_let_go_of_the_pages(every_dtype):
+    ref, tf = _reference(every_dtype), TensorFile(every_dtype)
+    before = _mappings_of(every_dtype)  # (the reference's own, if any)
+    got = tf.read_many(list(ref), mapped=True)
+    for k, v in ref.items():
+        assert _same_bytes(got[k], v), k
+    assert _mappings_of(every_dtype) - before == sum(v.numel() > 0 for v in ref.values())  # one each
+    view = got["t.bfloat16"][1:].t()  # a view keeps its mapping, and only its own
+    del got
+    gc.collect()
+    assert _mappings_of(every_dtype) - before == 1
+    assert _same_bytes(view, ref["t.bfloat16"][1:].t())
+    del view
+    gc.collect()
+    assert _mappings_of(every_dtype) == before
+
+
+def test_a_page_that_cannot_be_read_is_one_error_line(every_dtype, monkeypatch):
+    """MADV_POPULATE_READ failing (an I/O error, a file cut short under the mapping) is a
+    WdaError naming the file and the tensor, never a SIGBUS on first touch."""
+    monkeypatch.setattr(wda.formats.tensors, "populate_read", lambda addr, n: errno.EIO)
+    with pytest.raises(WdaError) as err:
+        TensorFile(every_dtype).read_many(["t.float32"], mapped=True)
+    assert str(every_dtype) in str(err.value) and "t.float32" in str(err.value)
+
+
+def test_without_the_advice_reads_fall_back_to_pread(every_dtype, monkeypatch):
+    """A kernel without MADV_POPULATE_READ (EINVAL, Linux < 5.14): the same bytes, copied."""
+    monkeypatch.setattr(wda.formats.tensors, "populate_read", lambda addr, n: errno.EINVAL)
+    monkeypatch.setattr(wda.formats.tensors, "_can_map", True)
+    ref = _reference(every_dtype)
+    got = TensorFile(every_dtype).read_many(list(ref), mapped=True)
+    assert all(_same_bytes(got[k], v) for k, v in ref.items())
+    assert wda.formats.tensors._can_map is False
 
 
 def test_the_tensor_at_the_end_of_the_file(every_dtype):

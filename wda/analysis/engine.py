@@ -4,10 +4,13 @@ Module-major: each base matrix W_0 is read once and prepared (``BaseWeight``), t
 matrix of every checkpoint is measured against it in one pass and freed; adapters are
 measured from their factors (``BaseWeight.measure_lowrank``, float32 on the device) without
 forming the merged matrix. A background thread reads ahead while the current matrices are
-measured: each checkpoint's header is parsed once, then each tensor's byte range is read
-with ``pread`` into a pooled buffer (``wda.analysis.buffers``; for CUDA a pinned one, copied to the
-device on a side stream). Nothing stays mapped, and a buffer is reused once the matrix in it
-is measured: peak memory is a few matrices whatever the number of layers or steps.
+measured: each checkpoint's header is parsed once; on a CPU each full weight is then a view
+of its own mapping of its byte range in the file (the kernels read the page cache: no copy),
+its pages faulted in by the reader, and adapters' small factors are read with ``pread`` into
+pooled buffers (``wda.analysis.buffers``); for CUDA every tensor is read into pinned memory
+and copied to the device on a side stream. A mapping goes, in the reader thread, once the
+matrix in it is measured: peak memory is a few batches of matrices (by bytes) whatever the
+number of layers or steps.
 """
 
 from __future__ import annotations
@@ -202,7 +205,16 @@ def _work_items(layout: Layout) -> Iterator[_Item]:
 
 
 _BATCH_RANK = 128  # adapters of one matrix projected together: up to this many columns
-_BATCH_FULL = 4  # full-weight checkpoints of one matrix measured in one pass over W_0
+# Full-weight checkpoints of one matrix measured in one pass over W_0: as many as fit in
+# _BATCH_BYTES, at least _BATCH_MIN, at most _BATCH_MAX (sixteen 768² bf16 matrices, four
+# 4096² ones). The read-ahead holds as many again, so that reading the next batch overlaps
+# measuring this one. Per batch, not per tensor: the Python around each kernel call.
+_BATCH_BYTES = 32 << 20
+_BATCH_MIN, _BATCH_MAX = 4, 16
+
+
+def _full_batch(nbytes: int) -> int:
+    return max(_BATCH_MIN, min(_BATCH_MAX, _BATCH_BYTES // max(nbytes, 1)))
 
 
 @dataclass
@@ -219,12 +231,15 @@ class _Loaded:
         self.nbytes = sum(v.numel() * v.element_size() for v in self.tensors.values())
 
 
-def _read_item(item: _Item, cache: HandleCache, alloc) -> _Loaded:
-    """The stored tensors of one matrix, read into buffers from ``alloc``."""
+def _read_item(item: _Item, cache: HandleCache, alloc, mapped: bool) -> _Loaded:
+    """The stored tensors of one matrix, read into buffers from ``alloc``; with ``mapped`` a
+    full weight is a view of the file's own pages instead (no copy: the kernels read the page
+    cache)."""
     ck = cache.get(item.path)
     name = item.module.tensor  # the fused module for q, k, v of a fused projection
     if not ck.is_adapter:
-        return _Loaded({"w": ck.read_weight(name, alloc)}, None, ck.weights[name].file, mapped=ck.holds_data)
+        return _Loaded({"w": ck.read_weight(name, alloc, mapped)}, None, ck.weights[name].file,
+                       mapped=ck.holds_data)
     # an adapter's own module name: prefixes may differ from the base's by a wrapper
     info = ck.adapters[item.run.adapter_names[item.module.name]]
     tensors = ck.read_adapter(item.run.adapter_names[item.module.name], alloc)
@@ -238,15 +253,25 @@ def _is_full(item: _Item) -> bool:
     return item.run is None or item.run.method == "FT"
 
 
-def _reader(cache: HandleCache, dev: torch.device):
-    """read(item) for the prefetch thread: tensors read, pages resident or copied to ``dev``."""
+def _read_size(item: _Item) -> int:
+    """What the read-ahead counts: the bytes of a full matrix (as 16-bit floats), 0 for an adapter."""
+    return 2 * item.module.stored_shape[0] * item.module.in_features if _is_full(item) else 0
+
+
+def _reader(cache: HandleCache, dev: torch.device, spent: list):
+    """read(item) for the prefetch thread: tensors read, pages resident or copied to ``dev``.
+    ``spent``: data the measuring side is done with, let go here (unmapping a matrix costs as
+    much as a third of measuring it: this thread has the time)."""
     stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
     # CUDA: pinned memory from torch's caching host allocator (itself a pool: a block is
     # reused once its copy to the device is done); CPU: our pool.
     alloc = _pinned if dev.type == "cuda" else BufferPool().take
+    mapped = dev.type == "cpu"  # CUDA: read straight into pinned memory, one copy
 
     def read(item: _Item) -> _Loaded:
-        data = _read_item(item, cache, alloc)
+        while spent:
+            spent.pop()
+        data = _read_item(item, cache, alloc, mapped)
         try:
             data.tensors, data.ready = stage(data.tensors, dev, stream, data.mapped)
         except OSError as exc:
@@ -325,6 +350,7 @@ class _Measurer:
         self._pending: list[tuple[_Item, _Loaded]] = []  # adapters of the current matrix
         self._rank = 0
         self._full: list[tuple[_Item, _Loaded]] = []  # full-weight checkpoints of it
+        self.spent: list[_Loaded] = []  # measured: for the reader to let go
 
     def take(self, item: _Item, data: _Loaded | WdaError) -> None:
         if str(item.path) in self.broken:
@@ -346,7 +372,7 @@ class _Measurer:
         else:
             self._flush_adapters()
             self._full.append((item, data))
-            if len(self._full) >= _BATCH_FULL:
+            if len(self._full) >= _full_batch(data.nbytes):
                 self._flush_full()
 
     def flush(self) -> None:
@@ -366,6 +392,8 @@ class _Measurer:
             found = [None] * len(ws)
         for (it, d), w, meas in zip(pending, ws, found):
             self._record(it, d, lambda m=meas, w=w: m if m is not None else self.base.measure(w))
+        ws.clear()  # the last references are now in ``spent``
+        self.spent.extend(d for _, d in pending)
 
     def _flush_adapters(self) -> None:
         """Measure the gathered adapters (Eq. 1, or Eq. 5 with a magnitude) of the current matrix."""
@@ -424,12 +452,13 @@ def run_analysis(ckpt_dir: str | Path | None, options: AnalysisOptions = Analysi
     # reopened for each matrix, since its mapping keeps every page it has served.
     cache = HandleCache(size=1)
     work = _Measurer(options, dev, dtype)
+    read = _reader(cache, dev, work.spent)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=measurement_count(layout), desc="wda: measuring", unit="matrix",
                disable=None if options.progress is None else not options.progress)
     try:
-        for item, data in prefetched(items, _reader(cache, dev), options.prefetch, _is_full):
+        for item, data in prefetched(items, read, options.prefetch, _read_size, 2 * _BATCH_BYTES):
             if item.run is not None:  # base matrices are read, not measured
                 bar.update(1)
             work.take(item, data)

@@ -9,7 +9,6 @@ side waits on.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import queue
@@ -19,17 +18,21 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 
 from wda.errors import WdaError
+from wda.formats.tensors import populate_read
 
 T = TypeVar("T")
-ADAPTERS_AHEAD = 16  # small items (adapter factors) read ahead beyond the large ones
+ADAPTERS_AHEAD = 16  # small items (size 0: adapter factors) read ahead beyond the large ones
+LARGE_AHEAD_MAX = 32  # large items read ahead at most, however small they are
 
 
 def prefetched(items: Sequence[T], read: Callable[[T], object], depth: int,
-               is_large: Callable[[T], bool]) -> Iterator[tuple[T, object]]:
-    """Yield ``(item, read(item))`` in order, reading ahead in a thread: up to ``depth`` large
-    items (and ``ADAPTERS_AHEAD`` small ones) beyond the current one. A ``WdaError`` raised
-    by ``read`` is yielded in place of the data (the caller decides whether to skip); any
-    other exception is re-raised in the caller's thread, so a bug stays a bug."""
+               size: Callable[[T], int], budget: int = 0) -> Iterator[tuple[T, object]]:
+    """Yield ``(item, read(item))`` in order, reading ahead in a thread. Large items (``size``:
+    their bytes, > 0) are read ahead while fewer than ``depth`` are waiting, and beyond that
+    (up to ``LARGE_AHEAD_MAX``) while the bytes waiting stay within ``budget``; small ones
+    (size 0) up to ``ADAPTERS_AHEAD``. A ``WdaError`` raised by ``read`` is yielded in place of
+    the data (the caller decides whether to skip); any other exception is re-raised in the
+    caller's thread, so a bug stays a bug."""
     if depth <= 0:
         for it in items:
             try:
@@ -39,13 +42,30 @@ def prefetched(items: Sequence[T], read: Callable[[T], object], depth: int,
         return
     q: queue.Queue = queue.Queue()
     stop = threading.Event()
-    slots = {True: threading.Semaphore(depth), False: threading.Semaphore(ADAPTERS_AHEAD)}
+    room = threading.Condition()
+    waiting = [0, 0, 0]  # large items, their bytes, small items: read (or being read), not yet taken
+
+    def fits(n: int) -> bool:
+        if n == 0:
+            return waiting[2] < ADAPTERS_AHEAD
+        return waiting[0] < depth or (waiting[0] < LARGE_AHEAD_MAX and waiting[1] + n <= budget)
+
+    def count(n: int, sign: int) -> None:
+        if n:
+            waiting[0] += sign
+            waiting[1] += sign * n
+        else:
+            waiting[2] += sign
 
     def reader() -> None:
         for it in items:
-            while not slots[is_large(it)].acquire(timeout=0.05):
-                if stop.is_set():
-                    return
+            n = size(it)
+            with room:
+                while not fits(n):
+                    if stop.is_set():
+                        return
+                    room.wait(0.05)
+                count(n, 1)
             if stop.is_set():
                 return
             try:
@@ -61,7 +81,9 @@ def prefetched(items: Sequence[T], read: Callable[[T], object], depth: int,
     try:
         for _ in items:
             it, data = q.get()
-            slots[is_large(it)].release()
+            with room:
+                count(size(it), -1)
+                room.notify()
             if isinstance(data, _Crash):
                 raise data.exc
             yield it, data
@@ -95,31 +117,16 @@ def stage(tensors: dict[str, torch.Tensor], dev: torch.device, stream=None, mapp
     return tensors, ready
 
 
-_MADV_POPULATE_READ = 22  # Linux >= 5.14: fault the pages of a range in, reading them if needed
-_libc = None
-
-
 def populate(t: torch.Tensor) -> None:
     """Bring the pages under ``t`` into memory now. For a memory-mapped tensor this is where
     the file is read; for one already in memory it costs nothing. Never changes data.
     Raises OSError when the pages cannot be read (I/O error, file truncated under us):
     touching them instead would kill the process with SIGBUS."""
-    global _libc
     n = t.numel() * t.element_size()
     if n == 0 or t.device.type != "cpu":
         return
-    page = mmap.PAGESIZE
-    start = t.data_ptr() // page * page
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        if _libc.madvise(start, t.data_ptr() + n - start, _MADV_POPULATE_READ) == 0:
-            return
-        err = ctypes.get_errno()
-        if err in (errno.EFAULT, errno.EIO):
-            raise OSError(err, "cannot read the mapped pages")
-    except AttributeError:  # no libc madvise (not Linux)
-        pass
-    if t.is_contiguous():  # older kernel (EINVAL): touch one byte per page
-        t.reshape(-1).view(torch.uint8)[::page].max()
+    err = populate_read(t.data_ptr(), n)
+    if err in (errno.EFAULT, errno.EIO):
+        raise OSError(err, "cannot read the mapped pages")
+    if err and t.is_contiguous():  # older kernel (EINVAL), not Linux: touch one byte per page
+        t.reshape(-1).view(torch.uint8)[::mmap.PAGESIZE].max()

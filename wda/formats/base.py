@@ -105,13 +105,14 @@ class Checkpoint:
     def is_adapter(self) -> bool:
         return self.method != FT
 
-    def read_weight(self, module: str, alloc: Alloc | None = None) -> torch.Tensor:
+    def read_weight(self, module: str, alloc: Alloc | None = None, mapped: bool = False) -> torch.Tensor:
         """The full weight of ``module``, stored layout and dtype, on the CPU. ``alloc``:
-        where its bytes go (``TensorFile.read_many``); default a new tensor."""
+        where its bytes go, or ``mapped``: a view of the file's pages (``TensorFile.read_many``);
+        default a new tensor."""
         info = self.weights.get(module)
         if info is None:
             raise WdaError(self.source, f"module {module!r} is missing", "the file changed while it was read?")
-        return self.read_many([info.key], alloc)[info.key]
+        return self.read_many([info.key], alloc, mapped)[info.key]
 
     def read_adapter(self, module: str, alloc: Alloc | None = None) -> dict[str, torch.Tensor]:
         """The factors of ``module``: ``{"a", "b", "m"}``, those it has, stored dtype."""
@@ -138,7 +139,8 @@ class Checkpoint:
             raise WdaError(self.source, f"tensor {key!r} is missing", "the file changed while it was read?")
         return tf.read(key)
 
-    def read_many(self, keys: list[str], alloc: Alloc | None = None) -> dict[str, torch.Tensor]:
+    def read_many(self, keys: list[str], alloc: Alloc | None = None,
+                  mapped: bool = False) -> dict[str, torch.Tensor]:
         """Several stored tensors; those of one file are read with it opened once. Keys not in
         the indexed files (a format with its own storage) go through ``read``."""
         by_file: dict[TensorFile, list[str]] = {}
@@ -150,7 +152,7 @@ class Checkpoint:
             else:
                 by_file.setdefault(tf, []).append(key)
         for tf, names in by_file.items():
-            out.update(tf.read_many(names, alloc))
+            out.update(tf.read_many(names, alloc, mapped))
         return {k: out[k] for k in keys}
 
     @property

@@ -7,9 +7,13 @@ every format uses.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
+import mmap
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +59,36 @@ Alloc = Callable[[int], torch.Tensor]
 
 def _new_buffer(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
+
+
+# ``read_many(mapped=True)``: tensors at least this large are views of their own mapping of
+# the file (smaller ones are copied: a mapping costs more than copying a few pages).
+MAPPED_MIN = 256 * 1024
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux >= 5.14
+_can_map = sys.platform.startswith("linux")
+_libc = None
+
+
+def populate_read(addr: int, nbytes: int) -> int:
+    """Fault the mapped pages of ``[addr, addr + nbytes)`` in, reading them from the file if
+    needed (MADV_POPULATE_READ, the GIL released meanwhile). Returns 0, or the errno: EFAULT
+    or EIO where a page cannot be read (an I/O error, a file truncated under the mapping:
+    touching it would raise SIGBUS instead), EINVAL where the kernel lacks the advice, ENOSYS
+    off Linux."""
+    global _libc
+    page = mmap.PAGESIZE
+    start = addr // page * page
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        while _libc.madvise(start, addr + nbytes - start, _MADV_POPULATE_READ) != 0:
+            err = ctypes.get_errno()
+            if err != errno.EINTR:  # interrupted by a signal: the pages read so far stay
+                return err
+        return 0
+    except (AttributeError, OSError):  # no libc madvise
+        return errno.ENOSYS
 
 
 class TensorFile:
@@ -195,9 +229,9 @@ class TensorFile:
 
     def _open_bin(self) -> None:
         sd = None
-        for mmap in (True, False):  # legacy (non-zip) .bin files cannot be memory-mapped
+        for mapped in (True, False):  # legacy (non-zip) .bin files cannot be memory-mapped
             try:
-                sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap)
+                sd = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mapped)
                 break
             except Exception as exc:
                 err = exc
@@ -227,9 +261,12 @@ class TensorFile:
         """The tensor ``name`` on the CPU, in its stored dtype."""
         return self.read_many([name], alloc)[name]
 
-    def read_many(self, names: list[str], alloc: Alloc | None = None) -> dict[str, torch.Tensor]:
+    def read_many(self, names: list[str], alloc: Alloc | None = None,
+                  mapped: bool = False) -> dict[str, torch.Tensor]:
         """Several tensors of this file, the file opened once. Safetensors: each into a buffer
-        from ``alloc`` (default: a new one); .bin: views of the loaded state dict."""
+        from ``alloc`` (default: a new one), or with ``mapped`` each large one a view of its
+        own private mapping of its byte range, its pages faulted in here: no copy, and the
+        mapping goes with the tensor's last view. .bin: views of the loaded state dict."""
         missing = [n for n in names if n not in self._shapes]
         if missing:
             raise WdaError(self.path, f"tensor {missing[0]!r} is missing", "the file changed while it was read?")
@@ -244,16 +281,50 @@ class TensorFile:
                            "re-save or remove this checkpoint") from None
         try:
             self._check_size(os.fstat(fd).st_size)
-            return {n: self._pread(fd, n, alloc) for n in names}
+            return {n: self._map(fd, n) if mapped and _can_map and self._nbytes(n) >= max(MAPPED_MIN, 1)
+                    else self._pread(fd, n, alloc) for n in names}
         finally:
             os.close(fd)
 
-    def _pread(self, fd: int, name: str, alloc: Alloc) -> torch.Tensor:
-        stored, shape, start, end = self._entries[name]
+    def _nbytes(self, name: str) -> int:
+        _, _, start, end = self._entries[name]
+        return end - start
+
+    def _torch_dtype(self, name: str, stored: str) -> torch.dtype:
         dtype = _TORCH_DTYPES.get(stored)
         if dtype is None:
             raise WdaError(self.path, f"tensor {name!r} is stored as {stored}, which torch {torch.__version__} "
                                       "cannot hold", "convert the checkpoint to a supported dtype")
+        return dtype
+
+    def _map(self, fd: int, name: str) -> torch.Tensor:
+        """The tensor as a view of a private (copy-on-write) mapping of its pages, read in now
+        with MADV_POPULATE_READ: an I/O error or a truncated file is an error here, not a
+        SIGBUS later. Where the kernel lacks it (Linux < 5.14), ``_pread`` from then on."""
+        global _can_map
+        stored, shape, start, end = self._entries[name]
+        dtype = self._torch_dtype(name, stored)
+        at = start // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        try:
+            m = mmap.mmap(fd, end - at, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=at)
+        except (OSError, ValueError) as exc:
+            raise WdaError(self.path, f"cannot map tensor {name!r} ({short(exc)})",
+                           "the file may be truncated or on a failing disk") from None
+        t = torch.frombuffer(m, dtype=torch.uint8, count=end - start, offset=start - at)
+        err = populate_read(t.data_ptr(), end - start)
+        if err:
+            del t
+            m.close()
+            if err in (errno.EINVAL, errno.ENOSYS):  # the advice is not known here
+                _can_map = False
+                return self._pread(fd, name, _new_buffer)
+            raise WdaError(self.path, f"cannot read tensor {name!r} ({os.strerror(err)})",
+                           "the file may be truncated or on a failing disk")
+        return t.view(dtype).reshape(shape)
+
+    def _pread(self, fd: int, name: str, alloc: Alloc) -> torch.Tensor:
+        stored, shape, start, end = self._entries[name]
+        dtype = self._torch_dtype(name, stored)
         n = end - start
         if n == 0:
             return torch.empty(shape, dtype=dtype)
