@@ -535,7 +535,8 @@ def test_real_process_error_raised_during_analysis(ck):
 
 def test_file_rewritten_after_discovery_names_the_file(ck, capsys, monkeypatch):
     """Headers are checked first; a file cut short afterwards (a job still saving) is caught
-    when the engine reopens it, in the reader thread, and named."""
+    when the engine reads from it, in the reader thread (its size is not the one discovery
+    saw), and named."""
     import wda.analysis.engine
 
     real = wda.analysis.engine.discover
@@ -547,7 +548,7 @@ def test_file_rewritten_after_discovery_names_the_file(ck, capsys, monkeypatch):
 
     monkeypatch.setattr(wda.analysis.engine, "discover", discover_then_truncate)
     rc, err, out = cli(capsys, ck)
-    assert_one_line_error(rc, err, out, ft20(ck), "not a readable safetensors file")
+    assert_one_line_error(rc, err, out, ft20(ck), "changed on disk while being analysed")
 
 
 def test_file_cut_short_while_open_is_an_error_not_a_crash(ck):

@@ -450,7 +450,7 @@ def run_analysis(ckpt_dir: str | Path | None, options: AnalysisOptions = Analysi
     items = list(_work_items(layout))
     # Checkpoints of safetensors stay open (their headers: nothing is mapped); a .bin one is
     # reopened for each matrix, since its mapping keeps every page it has served.
-    cache = HandleCache(size=1)
+    cache = HandleCache(size=1, opened=layout.opened)
     work = _Measurer(options, dev, dtype)
     read = _reader(cache, dev, work.spent)
     from tqdm.auto import tqdm

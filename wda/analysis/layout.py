@@ -107,6 +107,9 @@ class Layout:
     modules: list[ModuleInfo]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     notes: list[str] = field(default_factory=list)
+    # the checkpoints discovery opened that keep only headers (not a loaded .bin), by path:
+    # the engine reads from them instead of opening them again
+    opened: dict[Path, Checkpoint] = field(default_factory=dict, repr=False, compare=False)
 
     def module_pairs(self) -> list[tuple[ModuleInfo, Run]]:
         """(module, run) pairs that are measured: adapter runs only for modules they target."""
@@ -481,7 +484,8 @@ def discover(ckpt_dir: str | Path | None, base: str | Path | None = None,
     infos = _split_fused(infos, config, base_folder / MODEL_CONFIG, modules, runs, in_proj)
     for m in infos:
         _check_dtype(base_ck.weights[m.tensor])
-    layout = Layout(root, base_path, runs, infos, skipped, notes)
+    kept = {p: ck for p, ck in {base_path: base_ck, **opened}.items() if not ck.holds_data}  # headers only
+    layout = Layout(root, base_path, runs, infos, skipped, notes, kept)
     _validate(layout, opened, broken)
     layout.runs = sorted([r for r in layout.runs if r.steps], key=_run_order)
     layout.notes += _endpoint_notes(layout.runs)

@@ -81,9 +81,10 @@ class HandleCache:
     (safetensors: parsed once, read with ``pread``) stay for the cache's lifetime; those that
     keep file data (a mapped .bin) are at most ``size``, least recently used first out."""
 
-    def __init__(self, size: int = 32) -> None:
+    def __init__(self, size: int = 32, opened: dict[Path, Checkpoint] | None = None) -> None:
+        """``opened``: checkpoints already open (discovery's); those keeping only headers are used."""
         self.size = size
-        self._light: dict[Path, Checkpoint] = {}
+        self._light: dict[Path, Checkpoint] = {p: ck for p, ck in (opened or {}).items() if not ck.holds_data}
         self._open: OrderedDict[Path, Checkpoint] = OrderedDict()
 
     def get(self, path: Path) -> Checkpoint:
