@@ -277,6 +277,26 @@ def worker_floor(root: Path, layers: int | None, device: str, out_csv: str | Non
     return {"seconds": secs, "bytes": nbytes, **mem.report()}
 
 
+def worker_st(root: Path, layers: int | None, device: str, out_csv: str | None = None, axis: str = "out") -> dict:
+    """The reference of the speed issue: each analysed tensor read with the ``safetensors``
+    package (``safe_open``, one file open at a time, tensors in the same order as the
+    floor) and widened to float32; no compute."""
+    from safetensors import safe_open
+
+    todo = analysed_tensors(root, layers)
+    with MemSampler() as mem:
+        t0 = time.perf_counter()
+        nbytes = 0
+        for f, key in todo:
+            with safe_open(str(f), framework="pt") as h:
+                stored = h.get_tensor(key)
+                wide = stored.float()
+            nbytes += stored.numel() * stored.element_size()
+            del stored, wide
+        secs = time.perf_counter() - t0
+    return {"seconds": secs, "bytes": nbytes, **mem.report()}
+
+
 def worker_wda(root: Path, layers: int | None, device: str, out_csv: str | None, axis: str = "out") -> dict:
     import tqdm.auto  # noqa: F401  (imported by the analysis; not part of its memory)
     from wda.analysis.engine import AnalysisOptions, run_analysis
@@ -347,7 +367,7 @@ def _worker_main(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     root = Path(args.dir)
-    fn = {"floor": worker_floor, "wda": worker_wda, "naive": worker_naive}[args.worker]
+    fn = {"floor": worker_floor, "st": worker_st, "wda": worker_wda, "naive": worker_naive}[args.worker]
     # Warm-up on one layer: lazy imports, library code pages, allocator pools. Otherwise the
     # first run pays them and its "peak memory" counts libtorch pages touched for the first time.
     fn(root, 1, args.device, None, args.axis)
@@ -542,7 +562,7 @@ def main(argv=None) -> None:
     p.add_argument("--growth-layers", type=int, default=2)
     p.add_argument("--growth-steps", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="tiny sizes, warm cache, 1 round: a smoke run")
-    p.add_argument("--_worker", choices=("floor", "wda", "naive"), help=argparse.SUPPRESS)
+    p.add_argument("--_worker", choices=("floor", "st", "wda", "naive"), help=argparse.SUPPRESS)
     p.add_argument("--_dir", help=argparse.SUPPRESS)
     p.add_argument("--_layers", dest="layers_filter", type=int, help=argparse.SUPPRESS)
     p.add_argument("--_csv", dest="csv", help=argparse.SUPPRESS)

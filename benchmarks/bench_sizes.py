@@ -56,16 +56,17 @@ def set_bytes(root: Path, layers: int | None) -> tuple[int, int]:
 
 
 def measure(root: Path, layers: int | None, threads: list[int], caches: list[str], repeats: int,
-            log) -> dict:
-    modes = [("floor", "cpu", 1)] + [("wda", "cpu", t) for t in threads]
+            log, st: bool = False) -> dict:
+    """``st``: also the speed issue's own reference (safetensors + widening to float32)."""
+    modes = [("floor", "cpu", 1)] + ([("st", "cpu", 1)] if st else []) + [("wda", "cpu", t) for t in threads]
     return ba.summarize(ba.measure_set(root, modes, caches, repeats, layers=layers, log=log))
 
 
 def sweep(args, widths: list[int], threads: list[int], caches: list[str], log) -> list[str]:
     lines = [f"### wda / floor by width ({args.repeats} rounds, medians; CPU)", "",
-             "| width | layers | checkpoints | run | tensors | GB | cache | floor s | "
-             + " | ".join(f"wda s ({t} thr) | wda / floor ({t} thr)" for t in threads) + " |",
-             "|---" * (8 + 2 * len(threads)) + "|"]
+             "| width | layers | checkpoints | run | tensors | GB | cache | floor s | safetensors+float s | "
+             + " | ".join(f"wda s ({t} thr) | wda / floor ({t} thr) | wda / st+float ({t} thr)" for t in threads)
+             + " |", "|---" * (9 + 3 * len(threads)) + "|"]
     for h in widths:
         layers = args.layers or LAYERS[h]
         src = dataset(Path(args.data), h, layers, args.steps, args.rank)
@@ -73,15 +74,16 @@ def sweep(args, widths: list[int], threads: list[int], caches: list[str], log) -
             for run in args.runs:
                 root = view(src, steps, run, args.steps)
                 n, nbytes = set_bytes(root, None)
-                res = measure(root, None, threads, caches, args.repeats, log)
+                res = measure(root, None, threads, caches, args.repeats, log, st=True)
                 for cache in caches:
-                    fl = res[(cache, "floor", "cpu", 1)]
+                    fl, st = res[(cache, "floor", "cpu", 1)], res[(cache, "st", "cpu", 1)]
                     cells = []
                     for t in threads:
                         w = res[(cache, "wda", "cpu", t)]
-                        cells.append(f"{w['median']:.3f} | **{w['median'] / fl['median']:.2f}**")
+                        cells.append(f"{w['median']:.3f} | **{w['median'] / fl['median']:.2f}** | "
+                                     f"{w['median'] / st['median']:.2f}")
                     lines.append(f"| {h}² | {layers} | {steps} | {run} | {n} | {nbytes / 1e9:.2f} | {cache} | "
-                                 f"{fl['median']:.3f} | " + " | ".join(cells) + " |")
+                                 f"{fl['median']:.3f} | {st['median']:.3f} | " + " | ".join(cells) + " |")
                     print(lines[-1], flush=True)
     return lines
 
