@@ -3,10 +3,10 @@
 ``row_dots(u, [v...])`` gives, per row n and checkpoint k, u_n·δ_kn and |δ_kn|² with
 δ_k = v_k - u: everything the closed form of ``BaseWeight`` needs from a full-weight
 checkpoint. The torch form of the same sums makes five passes over each block (convert,
-subtract, norm, multiply, sum); here each row of u is loaded once for up to a few checkpoints,
-every element is widened in registers to the compute dtype (float32 by default, float64 on
-request) and summed there (vectorised), so a 4096 x 4096 bf16 checkpoint takes about a third
-of the time (benchmarks/README.md).
+subtract, norm, multiply, sum); here a block of u's rows is widened once into an L2-sized
+buffer for all the checkpoints of a batch, each checkpoint's rows then stream past it (one
+sequential stream at a time), its bf16 elements widened in registers, and the sums are made
+there (vectorised): one pass over each checkpoint's bytes (benchmarks/README.md).
 
 ``col_dots`` and ``col_norms`` do the same for vectors stored as columns (axis "in", GPT-2's
 Conv1D layout), reading rows in order. ``lowrank_sums`` gives the same two sums for a LoRA/DoRA
@@ -89,8 +89,8 @@ def _check_alike(name: str, u: torch.Tensor, vs: Sequence[torch.Tensor]) -> None
 def row_dots(u: torch.Tensor, vs: Sequence[torch.Tensor], ud: torch.Tensor, dd2: torch.Tensor) -> None:
     """For each checkpoint k: ud[k, n] = u_n·(v_kn - u_n), dd2[k, n] = |v_kn - u_n|², computed
     and summed in the dtype of ``ud``/``dd2`` ((k, rows), float32 or float64). ``vs``: 2-D CPU
-    tensors of u's shape and one dtype (``supports`` must hold); each row of u is loaded once
-    for all of them."""
+    tensors of u's shape and one dtype (``supports`` must hold); each block of u's rows is
+    widened once for all of them."""
     _check_alike("row_dots", u, vs)
     block = max(1, _ROW_BLOCK_BYTES // max(1, u.shape[1] * ud.element_size()))
     _launch(_row_dots, _row_dots_parallel, u.shape[0], u.numel(), _array(u), tuple(_array(v) for v in vs),
