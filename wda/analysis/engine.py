@@ -448,8 +448,9 @@ def run_analysis(ckpt_dir: str | Path | None, options: AnalysisOptions = Analysi
     dev = resolve_device(options.device)
     dtype = DTYPES[options.dtype]
     items = list(_work_items(layout))
-    # Checkpoints of safetensors stay open (their headers: nothing is mapped); a .bin one is
-    # reopened for each matrix, since its mapping keeps every page it has served.
+    # Checkpoints of safetensors stay open (their headers: each tensor is mapped on its own and
+    # let go after its batch); a .bin one is reopened for each matrix, since its mapping keeps
+    # every page it has served.
     cache = HandleCache(size=1, opened=layout.opened)
     work = _Measurer(options, dev, dtype)
     read = _reader(cache, dev, work.spent)
