@@ -278,7 +278,7 @@ def worker_floor(root: Path, layers: int | None, device: str, out_csv: str | Non
 
 
 def worker_st(root: Path, layers: int | None, device: str, out_csv: str | None = None, axis: str = "out") -> dict:
-    """The reference of the speed issue: each analysed tensor read with the ``safetensors``
+    """What a plain script does: each analysed tensor read with the ``safetensors``
     package (``safe_open``, one file open at a time, tensors in the same order as the
     floor) and widened to float32; no compute."""
     from safetensors import safe_open

@@ -57,7 +57,7 @@ def set_bytes(root: Path, layers: int | None) -> tuple[int, int]:
 
 def measure(root: Path, layers: int | None, threads: list[int], caches: list[str], repeats: int,
             log, st: bool = False) -> dict:
-    """``st``: also the speed issue's own reference (safetensors + widening to float32)."""
+    """``st``: also what a plain script does (safetensors + widening to float32)."""
     modes = [("floor", "cpu", 1)] + ([("st", "cpu", 1)] if st else []) + [("wda", "cpu", t) for t in threads]
     return ba.summarize(ba.measure_set(root, modes, caches, repeats, layers=layers, log=log))
 
