@@ -78,7 +78,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 class HandleCache:
     """Opened checkpoints, for reading tensor after tensor. Those that keep only headers
-    (safetensors: parsed once, read with ``pread``) stay for the cache's lifetime; those that
+    (safetensors: parsed once, each tensor read or mapped on its own) stay for the cache's lifetime; those that
     keep file data (a mapped .bin) are at most ``size``, least recently used first out."""
 
     def __init__(self, size: int = 32, opened: dict[Path, Checkpoint] | None = None) -> None:

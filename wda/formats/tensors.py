@@ -94,9 +94,11 @@ def populate_read(addr: int, nbytes: int) -> int:
 class TensorFile:
     """One weights file (.safetensors or .bin): names and shapes from the header, tensors
     read one at a time. Safetensors: the header is parsed once, each tensor is read with
-    ``os.preadv`` of exactly its byte range into a buffer the caller may supply (nothing stays
-    mapped, nothing stays open). .bin files are loaded with ``weights_only=True`` (and
-    ``mmap=True`` where the format allows): they hold their mapping until dropped."""
+    ``os.preadv`` of exactly its byte range into a buffer the caller may supply, or is a view
+    of its own mapping of that range (``read_many(mapped=True)``), which goes with the tensor;
+    nothing else stays mapped and nothing stays open. .bin files are loaded with
+    ``weights_only=True`` (and ``mmap=True`` where the format allows): they hold their mapping
+    until dropped."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
