@@ -78,8 +78,9 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 class HandleCache:
     """Opened checkpoints, for reading tensor after tensor. Those that keep only headers
-    (safetensors: parsed once, each tensor read or mapped on its own) stay for the cache's lifetime; those that
-    keep file data (a mapped .bin) are at most ``size``, least recently used first out."""
+    (safetensors: parsed once, each tensor read or mapped on its own) stay for the cache's
+    lifetime; those that keep file data (a mapped .bin) are at most ``size``, least recently
+    used first out."""
 
     def __init__(self, size: int = 32, opened: dict[Path, Checkpoint] | None = None) -> None:
         """``opened``: checkpoints already open (discovery's); those keeping only headers are used."""
