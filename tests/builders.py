@@ -15,6 +15,25 @@ import torch
 Q_V = ["q_proj", "v_proj"]
 
 
+class ChatGLMStandIn(torch.nn.Module):
+    """Some modules of a ChatGLM under ChatGLM's names, ``transformer.encoder.layers.<i>``:
+    ``block()`` makes one layer's. ``save_pretrained`` writes the weights as one
+    model.safetensors (ChatGLM's modelling code is not in transformers)."""
+
+    def __init__(self, block, layers: int) -> None:
+        super().__init__()
+        blocks = torch.nn.ModuleList(block() for _ in range(layers))
+        self.transformer = torch.nn.Module()
+        self.transformer.encoder = torch.nn.Module()
+        self.transformer.encoder.layers = blocks
+
+    def save_pretrained(self, path: Path, **_) -> None:
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
+
+
 def plain_reference(w0: torch.Tensor, wt: torch.Tensor) -> tuple[float, float, int]:
     """Eqs. 3-4 written out in float64, zero-norm rows left out (the textbook form):
     (ΔM, ΔD, rows excluded)."""

@@ -13,10 +13,9 @@ import json
 import pytest
 import torch
 from peft import LoraConfig
-from safetensors.torch import save_file
 
 import wda
-from builders import ft_checkpoints, peft_checkpoints, plain_reference, save_full
+from builders import ChatGLMStandIn, ft_checkpoints, peft_checkpoints, plain_reference, save_full
 from wda.formats import fused_mlp
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -118,25 +117,17 @@ def test_gate_up_against_model_code_and_peft_merge(tmp_path, build):
     assert set(whole.matrix) == {"gate_up_proj"} and set(whole.out_features) == {48}
 
 
-class _ChatGLMStandIn(torch.nn.Module):
+class _ChatGLMStandIn(ChatGLMStandIn):
     """Only the MLPs of a ChatGLM2/3, under ChatGLM's module names."""
 
     def __init__(self, hidden: int, ffn: int, layers: int = 2) -> None:
-        super().__init__()
-        blocks = torch.nn.ModuleList()
-        for _ in range(layers):
+        def block() -> torch.nn.Module:
             blk = torch.nn.Module()
             blk.mlp = torch.nn.Module()
             blk.mlp.dense_h_to_4h = torch.nn.Linear(hidden, 2 * ffn, bias=False)
             blk.mlp.dense_4h_to_h = torch.nn.Linear(ffn, hidden, bias=False)
-            blocks.append(blk)
-        self.transformer = torch.nn.Module()
-        self.transformer.encoder = torch.nn.Module()
-        self.transformer.encoder.layers = blocks
-
-    def save_pretrained(self, path, **_):
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
+            return blk
+        super().__init__(block, layers)
 
 
 def test_chatglm_dense_h_to_4h_against_float64_chunk(tmp_path):

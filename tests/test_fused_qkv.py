@@ -12,10 +12,9 @@ import shutil
 import pytest
 import torch
 from peft import LoraConfig
-from safetensors.torch import save_file
 
 import wda
-from builders import ft_checkpoints, peft_checkpoints, plain_reference, save_full
+from builders import ChatGLMStandIn, ft_checkpoints, peft_checkpoints, plain_reference, save_full
 from wda.formats import fused_qkv
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -223,27 +222,20 @@ def _chatglm_reference(w: torch.Tensor, cfg: dict) -> tuple[torch.Tensor, ...]:
     return tuple(per_head[:, i * kv:(i + 1) * kv].reshape(h * kv, -1) for i in range(3))
 
 
-class _GLMStandIn(torch.nn.Module):
+class _GLMStandIn(ChatGLMStandIn):
     """Only the fused projections of a ChatGLM, under ChatGLM's module names."""
 
     def __init__(self, cfg: dict, layers: int = 2) -> None:
-        super().__init__()
         h, kv, hidden = cfg["num_attention_heads"], cfg["kv_channels"], cfg["hidden_size"]
         g = cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else h
         out = h * kv + 2 * g * kv
-        blocks = torch.nn.ModuleList()
-        for _ in range(layers):
+
+        def block() -> torch.nn.Module:
             blk = torch.nn.Module()
             blk.self_attention = torch.nn.Module()
             blk.self_attention.query_key_value = torch.nn.Linear(hidden, out, bias=True)
-            blocks.append(blk)
-        self.transformer = torch.nn.Module()
-        self.transformer.encoder = torch.nn.Module()
-        self.transformer.encoder.layers = blocks
-
-    def save_pretrained(self, path, **_):
-        path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")
+            return blk
+        super().__init__(block, layers)
 
 
 @pytest.mark.parametrize("mqa", [True, False], ids=["multi_query", "per_head"])
