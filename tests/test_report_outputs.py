@@ -112,6 +112,28 @@ def test_out_holding_another_inputs_report_needs_force(pristine, tmp_path, capsy
     assert json.loads((out / "manifest.json").read_text())["ckpt_dir_resolved"] == str(other.resolve())
 
 
+def test_a_moved_report_of_the_same_input_is_replaced(pristine, tmp_path, capsys, monkeypatch):
+    """A report made with relative paths, moved (a cloned repository) together with its input,
+    is still the report of that input: replaced without --force. An input elsewhere still
+    needs it."""
+    old = tmp_path / "old"
+    shutil.copytree(pristine, old / "runs" / "demo")
+    monkeypatch.chdir(old)
+    assert cli(capsys, *quick(Path("runs/demo"), Path("reports/demo")))[0] == 0
+    new = tmp_path / "clone"
+    shutil.copytree(old, new)
+    monkeypatch.chdir(new)
+    other = tmp_path / "elsewhere"
+    shutil.copytree(pristine, other)
+    before = (new / "reports/demo/manifest.json").read_bytes()
+    rc, _, err = cli(capsys, *quick(other, Path("reports/demo")))
+    assert rc == 2 and "holds the report of another input" in err
+    assert (new / "reports/demo/manifest.json").read_bytes() == before
+    assert cli(capsys, *quick(Path("runs/demo"), Path("reports/demo")))[0] == 0
+    manifest = json.loads((new / "reports/demo/manifest.json").read_text())
+    assert manifest["ckpt_dir_resolved"] == str((new / "runs/demo").resolve())
+
+
 def test_default_out_inside_the_input_is_refused(pristine, tmp_path, capsys, monkeypatch):
     ck = tmp_path / "ck"
     shutil.copytree(pristine, ck)

@@ -342,9 +342,28 @@ def _check_out(out: Path, inputs: list[Path], force: bool = False) -> None:
         raise WdaError(out, "exists and is not a wda report (no manifest.json of ours); refusing to "
                             "replace it", "choose another --out, or empty or remove this folder")
     other = manifest.get("ckpt_dir_resolved")
-    if not force and other and Path(other) != inputs[0].resolve():
+    if (not force and other and Path(other) != inputs[0].resolve()
+            and not _moved_with_it(manifest, out, inputs[0])):
         raise WdaError(out, f"holds the report of another input ({other}); refusing to replace it",
                        "pass --force to replace it, or choose another --out")
+
+
+def _moved_with_it(manifest: dict, out: Path, inp: Path) -> bool:
+    """Whether the report in ``out`` is of ``inp`` though its recorded absolute path differs:
+    the folder holding both was moved or cloned (a repository's committed report). True when
+    the command it records gave the input and --out as relative paths and the input lay where
+    ``inp`` lies now, relative to the report folder."""
+    given = manifest.get("ckpt_dir")
+    try:
+        argv = shlex.split(str(manifest.get("command", "")))
+    except ValueError:
+        return False
+    outs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--out"]
+    outs += [a.split("=", 1)[1] for a in argv if a.startswith("--out=")]
+    if not isinstance(given, str) or len(outs) != 1 or Path(given).is_absolute() or Path(outs[0]).is_absolute():
+        return False
+    then = os.path.normpath(os.path.relpath(given, outs[0]))  # both relative to one working directory
+    return then == os.path.normpath(os.path.relpath(inp.resolve(), out.resolve()))
 
 
 def _pid_alive(pid: int) -> bool:
