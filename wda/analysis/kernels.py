@@ -61,10 +61,15 @@ def supports(*tensors: torch.Tensor) -> bool:
         and (t.stride(1) == 1 or t.shape[1] <= 1) for t in tensors)
 
 
+# 16-bit floats viewed as the integers of their bits, in one step where torch has the type
+_BITS = {torch.bfloat16: getattr(torch, "uint16", None), torch.float16: torch.int16}
+
+
 def _array(t: torch.Tensor) -> np.ndarray:
     """A numpy view of a CPU tensor (16-bit floats as their bit patterns: no copy)."""
-    if t.dtype in (torch.bfloat16, torch.float16):
-        return t.view(torch.int16).numpy().view(_CODES[t.dtype])
+    if t.dtype in _BITS:
+        bits = _BITS[t.dtype]
+        return t.view(bits).numpy() if bits is not None else t.view(torch.int16).numpy().view(_CODES[t.dtype])
     return t.numpy()
 
 
@@ -163,10 +168,9 @@ def closed_sums(ud: torch.Tensor, dd2: torch.Tensor, n0: torch.Tensor, ok: torch
     per-vector tensor is made: the per-checkpoint tail of an adapter or full-weight
     checkpoint in one call."""
     out = np.zeros((ud.shape[0], 11))
-    ok_ = ok.numpy() if ok is not None else np.ones((1, 1), np.bool_)
-    mag = magnitude.numpy() if magnitude is not None else np.ones((1, 1), ud.numpy().dtype)
-    _closed_sums(ud.numpy(), dd2.numpy(), n0.numpy(), ok_, ok is not None, mag, magnitude is not None,
-                 along, out)
+    ok_ = ok.numpy() if ok is not None else np.ones(ud.shape, np.bool_)
+    mag = magnitude.numpy() if magnitude is not None else np.ones(ud.shape, ud.numpy().dtype)
+    _closed_sums(ud.numpy(), dd2.numpy(), n0.numpy(), ok_, mag, magnitude is not None, along, out)
     return out
 
 
@@ -344,7 +348,7 @@ if numba is not None:
             _lowrank_sums(bv, p, g, scaling, cancel, ud, dd2, ok,
                           rows * c // chunks, rows * (c + 1) // chunks)
 
-    @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
+    @numba.njit(nogil=True, cache=True)
     def _closed_row(x, y, n, along, zero, two):
         """(closed, |v| - |u|, 1 - cos) of one vector from x = u·δ, y = |δ|², n = |u|; closed
         is False where the closed form does not apply (the other two are then 0)."""
@@ -468,29 +472,94 @@ if numba is not None:
             if valid[n]:
                 _accumulate(out, m0[n], dm[n], dd[n])
 
-    @numba.njit(nogil=True, cache=True)
-    def _closed_sums(ud, dd2, n0, ok, use_ok, mag, use_mag, along, out):
-        per = np.zeros(2, ud.dtype)  # Δm and ΔD rounded as closed_form stores them
-        zero = per[0]
+    # ``closed_sums`` in three passes over each checkpoint's vectors, each straight-line code
+    # (no branch, no conditional load, a vector left out masked by selects) with few enough
+    # running sums that LLVM vectorises it; error_model "numpy": a division by zero in a
+    # masked lane gives Inf/NaN instead of a Python exception check that stops vectorising.
+    # The per-vector arithmetic (here and in ``_closed_row``) is strict IEEE, without
+    # contraction or reassociation: vectorised or not, it gives the same Δm and ΔD as
+    # ``closed_form``, so the fast path and the per-vector path agree.
+    @numba.njit(nogil=True, cache=True, error_model="numpy")
+    def _closed_vectors(x_, y_, n_, ok_, m_, use_mag, along, u_, d_, c_, w_):
+        """Per vector of one checkpoint the closed form (``_closed_row``, the same arithmetic)
+        into u_ = |u|, d_ = Δm, c_ = ΔD (all three stored in the compute dtype, as
+        ``closed_form`` stores them) and w_ = 1 where it is taken (else u_ = 1, d_ = c_ = w_ = 0:
+        terms that add nothing). Returns (vectors not taken, non-finite inputs)."""
+        zero = np.zeros(1, x_.dtype)[0]
+        one = np.ones(1, x_.dtype)[0]  # (zero + 1 would be a float64: the types of _closed_row)
         two = zero + 2
+        nomag = not use_mag
+        missed = bad = 0
+        for i in range(x_.shape[0]):
+            x = x_[i]
+            y = y_[i]
+            n = n_[i]
+            m = m_[i]
+            finite = np.isfinite(x) & np.isfinite(y) & (np.isfinite(m) | nomag)
+            take = (n > 0) & (x * x <= along * (n * n) * y) & ok_[i]
+            nn = n if n > 0 else one
+            a = x / nn  # change along u
+            perp = max(y - a * a, zero)  # |δ_⊥|²
+            q = nn + a
+            nt = np.sqrt(q * q + perp)  # |v|
+            e = perp / (nt * (nt + abs(q))) if q > 0 else 1 - q / nt
+            dm = (2 * x + y) / (nn + nt)
+            dd = min(max(e, zero), two)
+            # Eq. 5: norm |m|, direction ±V' (see BaseWeight.changes_lowrank); m = 0: a zero
+            # row, excluded as a zero-norm vector
+            keep = take & ((m != 0) | nomag)
+            dm = abs(m) - n if use_mag else dm
+            missed += 0 if take else 1
+            bad += 0 if finite else 1
+            u_[i] = n if keep else one
+            d_[i] = dm if keep else zero
+            c_[i] = dd if keep else zero
+            # -V': ΔD of the stored (rounded) value, as the per-vector path flips it
+            c_[i] = two - c_[i] if keep & use_mag & (m < 0) else c_[i]
+            w_[i] = 1.0 if keep else 0.0
+        return missed, bad
+
+    @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
+    def _plain_sums(u_, d_, c_, w_):
+        """[0:4] of ``vector_sums``: count, Σ|Δm|, ΣΔD, Σ|u| over the vectors taken."""
+        s0 = s1 = s2 = s3 = 0.0
+        for i in range(u_.shape[0]):
+            s0 += w_[i]
+            s1 += abs(np.float64(d_[i]))
+            s2 += np.float64(c_[i])
+            s3 += w_[i] * np.float64(u_[i])
+        return s0, s1, s2, s3
+
+    @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
+    def _diagnostic_sums(u_, d_, c_):
+        """[4:9] of ``vector_sums`` (formulas in ``_accumulate``); a vector not taken adds 0."""
+        s4 = s5 = s6 = s7 = s8 = 0.0
+        for i in range(u_.shape[0]):
+            u = np.float64(u_[i])
+            d = np.float64(d_[i])
+            c = np.float64(c_[i])
+            tangential = (u + d) * c
+            radial = d - tangential
+            size = np.sqrt(d * d + 2.0 * u * (u + d) * c)
+            align = min(1.0, max(-1.0, radial / size)) if size > 0 else 0.0
+            sign = 1.0 if d > 0 else (-1.0 if d < 0 else 0.0)
+            s4 += size / u
+            s5 += align
+            s6 += abs(align)
+            s7 += sign * radial
+            s8 += sign * tangential
+        return s4, s5, s6, s7, s8
+
+    @numba.njit(nogil=True, cache=True)
+    def _closed_sums(ud, dd2, n0, ok, mag, use_mag, along, out):
+        rows = ud.shape[1]
+        u_ = np.empty(rows, ud.dtype)
+        d_ = np.empty(rows, ud.dtype)
+        c_ = np.empty(rows, ud.dtype)
+        w_ = np.empty(rows)
         for k in range(ud.shape[0]):
-            o = out[k]
-            for i in range(ud.shape[1]):
-                x = ud[k, i]
-                y = dd2[k, i]
-                if not (np.isfinite(x) and np.isfinite(y)):
-                    o[10] = 1.0
-                c, per[0], per[1] = _closed_row(x, y, n0[i], along, zero, two)
-                if not c or (use_ok and not ok[k, i]):
-                    o[9] += 1.0
-                    continue
-                if use_mag:  # Eq. 5: norm |m|, direction ±V' (see BaseWeight.changes_lowrank)
-                    m = mag[k, i]
-                    if not np.isfinite(m):
-                        o[10] = 1.0
-                    if m == 0:  # a zero row: excluded, as a zero-norm vector
-                        continue
-                    per[0] = abs(m) - n0[i]
-                    if m < 0:
-                        per[1] = two - per[1]
-                _accumulate(o, n0[i], per[0], per[1])
+            missed, bad = _closed_vectors(ud[k], dd2[k], n0, ok[k], mag[k], use_mag, along, u_, d_, c_, w_)
+            out[k, 0], out[k, 1], out[k, 2], out[k, 3] = _plain_sums(u_, d_, c_, w_)
+            out[k, 4], out[k, 5], out[k, 6], out[k, 7], out[k, 8] = _diagnostic_sums(u_, d_, c_)
+            out[k, 9] = missed
+            out[k, 10] = 1.0 if bad > 0 else 0.0
