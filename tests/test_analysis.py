@@ -238,3 +238,28 @@ def test_read_buffers_are_reused(tmp_path, monkeypatch):
     assert (n_small, n_large) == (2 * 9, 2 * 21), "every tensor goes through the pool"
     # how many are in flight at once depends on the reader thread's timing, never on the steps
     assert small <= bound and large <= bound
+
+
+def test_table_sorts_by_method_then_keys_with_missing_values_last():
+    """``_table`` (sorted and assembled in Python) gives pandas' stable multi-key sort of the
+    same rows: FT, LoRA, DoRA, then other methods; a missing key (None, or NaN: a tracker's
+    empty field read back) after the present ones, the keys after it still sorted; dtypes
+    as pandas infers them."""
+    import random
+
+    rng = random.Random(3)
+    for stacks in (["x", "y", None, "nan"], ["nan"]):  # "nan": a new NaN object per row, as pandas'
+        rows = []
+        for i in range(400):
+            row = {c: None for c in analysis.METRIC_COLUMNS}
+            row.update(run=rng.choice(["a", "b"]), method=rng.choice(["DoRA", "FT", "LoRA", "other"]),
+                       step=rng.randrange(5), module=f"m{rng.randrange(3)}", layer=rng.randrange(4),
+                       matrix=rng.choice(["q_proj", "v_proj"]), stack=rng.choice(stacks), n_vectors=8,
+                       n_excluded=0, delta_m=rng.random(), axis="out", _path=f"p{i}",
+                       train_loss=rng.choice([None, 1.5]))
+            row["stack"] = float(row["stack"]) if row["stack"] == "nan" else row["stack"]
+            rows.append(row)
+        got = analysis._table([dict(r) for r in rows])
+        want = analysis._table_pandas([dict(r) for r in rows])
+        pd.testing.assert_frame_equal(got, want)
+        assert list(dict.fromkeys(got["method"])) == ["FT", "LoRA", "DoRA", "other"]

@@ -194,6 +194,10 @@ class _Item:
     run: Run | None  # None: the base matrix W_0
     step: int | None
     path: Path
+    key: str = ""  # str(path): the checkpoint's name in ``broken`` and in the rows
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", str(self.path))
 
 
 def _work_items(layout: Layout) -> Iterator[_Item]:
@@ -273,6 +277,8 @@ def _reader(cache: HandleCache, dev: torch.device, spent: list):
         while spent:
             spent.pop()
         data = _read_item(item, cache, alloc, mapped)
+        if not (data.mapped or stream is not None):  # read into memory for the CPU: ready
+            return data
         try:
             data.tensors, data.ready = stage(data.tensors, dev, stream, data.mapped)
         except OSError as exc:
@@ -354,7 +360,7 @@ class _Measurer:
         self.spent: list[_Loaded] = []  # measured: for the reader to let go
 
     def take(self, item: _Item, data: _Loaded | WdaError) -> None:
-        if str(item.path) in self.broken:
+        if item.key in self.broken:
             return
         if isinstance(data, WdaError):
             return self._fail(item, data)
@@ -383,7 +389,7 @@ class _Measurer:
 
     def _flush_full(self) -> None:
         """Full-weight checkpoints of the current matrix, measured in one pass over W_0."""
-        pending, self._full = [(it, d) for it, d in self._full if str(it.path) not in self.broken], []
+        pending, self._full = [(it, d) for it, d in self._full if it.key not in self.broken], []
         if not pending:
             return
         ws = [_canonical(_on_device(d, self.dev)["w"], it.module) for it, d in pending]
@@ -399,7 +405,7 @@ class _Measurer:
     def _flush_adapters(self) -> None:
         """Measure the gathered adapters (Eq. 1, or Eq. 5 with a magnitude) of the current matrix."""
         pending, self._pending, self._rank = self._pending, [], 0
-        pending = [(it, d) for it, d in pending if str(it.path) not in self.broken]
+        pending = [(it, d) for it, d in pending if it.key not in self.broken]
         if not pending:
             return
         base = self.base
@@ -436,7 +442,7 @@ class _Measurer:
             raise err
         if not self.options.skip_broken:
             raise err.with_hint("--skip-broken analyses the rest")
-        self.broken[str(item.path)] = str(err)
+        self.broken[item.key] = str(err)
 
 
 def run_analysis(ckpt_dir: str | Path | None, options: AnalysisOptions = AnalysisOptions(),
@@ -489,7 +495,7 @@ def _row(item: _Item, meas, axis: str) -> dict:
     m = item.module
     return {"run": item.run.name, "method": item.run.method, "step": item.step, "module": m.name,
             "layer": m.layer, "matrix": m.matrix, **{f: getattr(meas, f) for f in MEASUREMENT_FIELDS},
-            "axis": axis, "stack": m.stack, **_logged(item), "_path": str(item.path)}
+            "axis": axis, "stack": m.stack, **_logged(item), "_path": item.key}
 
 
 def _logged(item: _Item) -> dict[str, float | None]:
@@ -518,12 +524,13 @@ def _table(rows: list[dict]) -> pd.DataFrame:
 
 
 def _sort_key(row: dict) -> tuple:
-    return (_METHOD_ORDER.get(row["method"], len(_METHOD_ORDER)),
-            *((1, 0) if _missing(row[k]) else (0, row[k]) for k in _SORT_KEYS))
+    return (_METHOD_ORDER.get(row["method"], len(_METHOD_ORDER)), _last(row["run"]), _last(row["matrix"]),
+            _last(row["stack"]), _last(row["layer"]), _last(row["module"]), _last(row["step"]))
 
 
-def _missing(v) -> bool:
-    return v is None or (isinstance(v, float) and v != v)
+def _last(v) -> tuple:
+    """A sort key that puts a missing value (None, NaN: a tracker's empty field read back) last."""
+    return (1, 0) if v is None or v != v else (0, v)
 
 
 def _table_pandas(rows: list[dict]) -> pd.DataFrame:
