@@ -167,3 +167,24 @@ def test_unknown_peft_type_names_the_config(pristine, tmp_path, capsys):
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "peft_type": "IA3"}))
     rc, err = cli(capsys, str(root), "--out", str(tmp_path / "o"))
     one_line_error(rc, err, str(cfg), "peft_type 'IA3' is not supported")
+
+
+def test_present_answers_alike_from_a_folder_listing(tmp_path):
+    """``present`` within ``listings()`` (one ``os.listdir`` per folder, as discovery uses it)
+    says what the file system says name by name: a file, a folder, a broken link, a missing
+    name, a name in a missing folder or under a file; outside it, nothing is cached."""
+    from wda.formats.tensors import listings, present
+
+    (tmp_path / "f.json").write_text("{}")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    names = [tmp_path / n for n in ("f.json", "d", "broken", "missing")] + [
+        tmp_path / "nofolder" / "x", tmp_path / "f.json" / "x", tmp_path / "d" / ".."]
+    plain = [present(p) for p in names]
+    assert plain == [True, True, True, False, False, False, True]
+    with listings():
+        assert [present(p) for p in names] == plain
+        (tmp_path / "late").write_text("")
+        assert not present(tmp_path / "late")  # a snapshot of a folder already listed
+        assert present(tmp_path / "d" / "..")  # not a name in a listing: asked directly
+    assert present(tmp_path / "late")  # outside, the file system again

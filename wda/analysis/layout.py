@@ -34,7 +34,7 @@ from wda.formats.base import CONV1D_MODEL_TYPES, CONV1D_MODULE_NAMES, IN_PROJ, I
 from wda.formats.peft import ADAPTER_CONFIG
 from wda.errors import WdaError
 from wda.formats import fused_mlp, fused_qkv
-from wda.formats.tensors import present
+from wda.formats.tensors import listings, present
 from wda.formats.hub import cached_snapshot, describe, parse_hub_id
 from wda.names import matches
 from wda.steps import UNKNOWN_STEP
@@ -414,6 +414,11 @@ def discover(ckpt_dir: str | Path | None, base: str | Path | None = None,
     ``CKPT_DIR/base/``, else the ``base_model_name_or_path`` the adapters name. ``split_fused``:
     fused attention projections (GPT-2 ``c_attn``, ``query_key_value``, ...) are measured as
     their q, k, v parts, laid out as the base's config.json says."""
+    with listings():  # each folder listed once: the format probes ask for a dozen names each
+        return _discover(ckpt_dir, base, modules, fan_in_fan_out, skip_broken, runs, split_fused)
+
+
+def _discover(ckpt_dir, base, modules, fan_in_fan_out, skip_broken, runs, split_fused) -> Layout:
     root, base_dir, raw_runs, notes, problems = _gather_runs(ckpt_dir, runs, base)
     base_path = resolve_base(base, base_dir, root, raw_runs)
     base_ck = open_checkpoint(base_path)

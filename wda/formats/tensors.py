@@ -7,6 +7,7 @@ every format uses.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -14,7 +15,8 @@ import math
 import mmap
 import os
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -367,8 +369,43 @@ def _size_now(path: Path) -> int | None:
 
 
 def present(path: Path) -> bool:
-    """Something is there under this name (a file, a directory, even a broken link)."""
+    """Something is there under this name (a file, a directory, even a broken link). Within
+    ``listings()``, answered from one listing of its folder."""
+    names = _listing(path)
+    if names is not None:
+        return path.name in names
     return path.exists() or path.is_symlink()
+
+
+_LISTINGS = threading.local()
+
+
+@contextlib.contextmanager
+def listings() -> Iterator[None]:
+    """Within it (in this thread), ``present`` reads each folder once (``os.listdir``) instead
+    of one ``stat`` per name: discovery probes a dozen names in each checkpoint folder. The
+    listing is a snapshot: a file made meanwhile in a folder already listed is not seen."""
+    outer = getattr(_LISTINGS, "cache", None)
+    if outer is None:
+        _LISTINGS.cache = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            _LISTINGS.cache = None
+
+
+def _listing(path: Path) -> frozenset[str] | None:
+    cache = getattr(_LISTINGS, "cache", None)
+    if cache is None or path.name in ("", ".", ".."):
+        return None
+    folder = os.fspath(path.parent)
+    if folder not in cache:
+        try:
+            cache[folder] = frozenset(os.listdir(folder))
+        except OSError:  # not a folder, or not readable: ask the file system name by name
+            cache[folder] = None
+    return cache[folder]
 
 
 def _not_a_file(path: Path) -> str:
