@@ -187,7 +187,7 @@ def measure(w0: torch.Tensor, wt: torch.Tensor, axis: Axis = "out",
 
 
 def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in ``t`` (numpy's check on a CPU: torch's costs ~100 µs per call there)."""
+    """No NaN or Inf in ``t`` (numpy's check on a CPU: a third of torch's ~30 µs per call)."""
     if t.device.type == "cpu":
         return bool(np.isfinite(t.numpy()).all())
     return bool(torch.isfinite(t).all())

@@ -309,6 +309,8 @@ def _part_rows(t: torch.Tensor, m: ModuleInfo) -> torch.Tensor:
 def _on_device(data: _Loaded, dev: torch.device) -> dict[str, torch.Tensor]:
     ready = getattr(data, "ready", None)
     if ready is None:
+        if dev.type == "cpu":  # read for the CPU: already there (the mapping, or a buffer)
+            return data.tensors
         return {k: v.to(dev) for k, v in data.tensors.items()}
     cur = torch.cuda.current_stream(dev)
     cur.wait_event(ready)
