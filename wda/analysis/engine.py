@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Iterator
@@ -194,10 +195,11 @@ class _Item:
     run: Run | None  # None: the base matrix W_0
     step: int | None
     path: Path
-    key: str = ""  # str(path): the checkpoint's name in ``broken`` and in the rows
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "key", str(self.path))
+    @cached_property
+    def key(self) -> str:
+        """str(path): the checkpoint's name in ``broken`` and in the rows."""
+        return str(self.path)
 
 
 def _work_items(layout: Layout) -> Iterator[_Item]:

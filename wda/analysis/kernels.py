@@ -140,11 +140,11 @@ def closed_form(ud: torch.Tensor, dd2: torch.Tensor, n0: torch.Tensor, ok: torch
     ``BaseWeight``, formulas there): ``closed[n]`` False where it does not apply (|u| = 0,
     δ mostly along u: (u·δ)² > along·|u|²|δ|², or ``ok[n]`` False); dm and dd are then 0.
     Returns False when a sum is NaN or Inf (nothing else is then meaningful)."""
-    ok_ = ok.numpy() if ok is not None else np.ones(1, np.bool_)
-    flags = np.zeros(numba.config.NUMBA_NUM_THREADS, np.bool_)  # one per range of rows
     rows = ud.shape[0]
+    ok_ = ok.numpy() if ok is not None else np.ones(rows, np.bool_)
+    flags = np.zeros(numba.config.NUMBA_NUM_THREADS, np.bool_)  # one per range of rows
     _launch(_closed_form, _closed_form_parallel, rows, rows, ud.numpy(), dd2.numpy(), n0.numpy(),
-            ok_, ok is not None, along, dm.numpy(), dd.numpy(), closed.numpy(), flags)
+            ok_, along, dm.numpy(), dd.numpy(), closed.numpy(), flags)
     return not flags.any()
 
 
@@ -348,40 +348,6 @@ if numba is not None:
             _lowrank_sums(bv, p, g, scaling, cancel, ud, dd2, ok,
                           rows * c // chunks, rows * (c + 1) // chunks)
 
-    @numba.njit(nogil=True, cache=True)
-    def _closed_row(x, y, n, along, zero, two):
-        """(closed, |v| - |u|, 1 - cos) of one vector from x = u·δ, y = |δ|², n = |u|; closed
-        is False where the closed form does not apply (the other two are then 0)."""
-        if not (n > 0 and x * x <= along * (n * n) * y):
-            return False, zero, zero
-        a = x / n  # change along u
-        perp = max(y - a * a, zero)  # |δ_⊥|²
-        q = n + a
-        nt = np.sqrt(q * q + perp)  # |v|
-        e = perp / (nt * (nt + abs(q))) if q > 0 else 1 - q / nt
-        return True, (2 * x + y) / (n + nt), min(max(e, zero), two)
-
-    @numba.njit(nogil=True, cache=True)
-    def _closed_form(ud, dd2, n0, ok, use_ok, along, dm, dd, closed, flags, r0, r1):
-        zero = np.zeros(1, dm.dtype)[0]
-        two = zero + 2
-        for i in range(r0, r1):
-            x = ud[i]
-            y = dd2[i]
-            if not (np.isfinite(x) and np.isfinite(y)):
-                flags[0] = True
-            c, dm[i], dd[i] = _closed_row(x, y, n0[i], along, zero, two)
-            if c and use_ok and not ok[i]:  # ok: 1 entry if unused; recomputed by the caller
-                c, dm[i], dd[i] = False, zero, zero
-            closed[i] = c
-
-    @numba.njit(nogil=True, cache=True, parallel=True)
-    def _closed_form_parallel(ud, dd2, n0, ok, use_ok, along, dm, dd, closed, flags, chunks):
-        rows = ud.shape[0]
-        for c in numba.prange(chunks):
-            _closed_form(ud, dd2, n0, ok, use_ok, along, dm, dd, closed, flags[c:c + 1],
-                         rows * c // chunks, rows * (c + 1) // chunks)
-
     @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
     def _col_dots(u, vs, ud, dd2, c0, c1):
         """Columns c0:c1: two rows at a time are widened (as in ``_row_dots``: δ in the dtype
@@ -476,17 +442,18 @@ if numba is not None:
     # (no branch, no conditional load, a vector left out masked by selects) with few enough
     # running sums that LLVM vectorises it; error_model "numpy": a division by zero in a
     # masked lane gives Inf/NaN instead of a Python exception check that stops vectorising.
-    # The per-vector arithmetic (here and in ``_closed_row``) is strict IEEE, without
-    # contraction or reassociation: vectorised or not, it gives the same Δm and ΔD as
-    # ``closed_form``, so the fast path and the per-vector path agree.
+    # The per-vector arithmetic is strict IEEE, without contraction or reassociation, and
+    # ``closed_form`` is the same first pass: the fast path and the per-vector path give the
+    # same Δm and ΔD.
     @numba.njit(nogil=True, cache=True, error_model="numpy")
     def _closed_vectors(x_, y_, n_, ok_, m_, use_mag, along, u_, d_, c_, w_):
-        """Per vector of one checkpoint the closed form (``_closed_row``, the same arithmetic)
-        into u_ = |u|, d_ = Δm, c_ = ΔD (all three stored in the compute dtype, as
-        ``closed_form`` stores them) and w_ = 1 where it is taken (else u_ = 1, d_ = c_ = w_ = 0:
-        terms that add nothing). Returns (vectors not taken, non-finite inputs)."""
+        """Per vector of one checkpoint, from x = u·δ, y = |δ|² and n = |u|, the closed form of
+        ``BaseWeight`` into u_ = |u|, d_ = Δm, c_ = ΔD (all three in the compute dtype) and
+        w_ = 1 where it is taken (else u_ = 1, d_ = c_ = w_ = 0: terms that add nothing). It is
+        not taken where |u| = 0, where δ lies mostly along u ((u·δ)² > along·|u|²|δ|²), or where
+        ``ok_`` is False. Returns (vectors not taken, non-finite inputs)."""
         zero = np.zeros(1, x_.dtype)[0]
-        one = np.ones(1, x_.dtype)[0]  # (zero + 1 would be a float64: the types of _closed_row)
+        one = np.ones(1, x_.dtype)[0]  # (zero + 1 would be a float64)
         two = zero + 2
         nomag = not use_mag
         missed = bad = 0
@@ -497,6 +464,7 @@ if numba is not None:
             m = m_[i]
             finite = np.isfinite(x) & np.isfinite(y) & (np.isfinite(m) | nomag)
             take = (n > 0) & (x * x <= along * (n * n) * y) & ok_[i]
+            # every lane is computed (one not taken may hold NaN: masked below)
             nn = n if n > 0 else one
             a = x / nn  # change along u
             perp = max(y - a * a, zero)  # |δ_⊥|²
@@ -518,6 +486,27 @@ if numba is not None:
             c_[i] = two - c_[i] if keep & use_mag & (m < 0) else c_[i]
             w_[i] = 1.0 if keep else 0.0
         return missed, bad
+
+    @numba.njit(nogil=True, cache=True)
+    def _closed_form(ud, dd2, n0, ok, along, dm, dd, closed, flags, r0, r1):
+        """``closed_form`` of rows r0:r1: the first pass of ``closed_sums``, kept per vector."""
+        n = r1 - r0
+        u_ = np.empty(n, ud.dtype)
+        w_ = np.empty(n)
+        no_magnitude = np.ones(n, ud.dtype)
+        _, bad = _closed_vectors(ud[r0:r1], dd2[r0:r1], n0[r0:r1], ok[r0:r1], no_magnitude, False,
+                                 along, u_, dm[r0:r1], dd[r0:r1], w_)
+        for i in range(n):
+            closed[r0 + i] = w_[i] > 0
+        if bad:
+            flags[0] = True
+
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def _closed_form_parallel(ud, dd2, n0, ok, along, dm, dd, closed, flags, chunks):
+        rows = ud.shape[0]
+        for c in numba.prange(chunks):
+            _closed_form(ud, dd2, n0, ok, along, dm, dd, closed, flags[c:c + 1],
+                         rows * c // chunks, rows * (c + 1) // chunks)
 
     @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
     def _plain_sums(u_, d_, c_, w_):
