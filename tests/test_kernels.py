@@ -168,27 +168,33 @@ def test_several_checkpoints_in_one_pass_equal_one_at_a_time(monkeypatch):
 
 
 def test_lowrank_sums_match_float64():
-    """u·δ and |δ|² of δ = s·B·A from the factors, against float64; the cancellation flag is
-    raised exactly on rows whose |δ|² is a near-cancelling sum of its Gram terms."""
+    """u·δ and |δ|² of δ_k = s_k·B_k·A_k from the factors of two adapters of different ranks
+    in one call, against float64; the cancellation flag is raised exactly on rows whose |δ|²
+    is a near-cancelling sum of its Gram terms."""
     g = torch.Generator().manual_seed(5)
-    rows, r, n, s = 300, 6, 200, 0.7
-    av = torch.randn(r, n, generator=g, dtype=torch.float64)
+    rows, n = 300, 200
+    av = torch.randn(6, n, generator=g, dtype=torch.float64)
     av[5] = av[4] + 1e-5 * torch.randn(n, generator=g, dtype=torch.float64)  # nearly dependent
-    bv = 0.1 * torch.randn(rows, r, generator=g, dtype=torch.float64)
+    bv = 0.1 * torch.randn(rows, 6, generator=g, dtype=torch.float64)
     bv[40:, 5] = 0.0  # rows 40..: nearly orthogonal rows of A, no cancellation
     bv[:40] = 0.0
     bv[:40, 4], bv[:40, 5] = 1.0, -1.0  # rows 0..39: A_4 - A_5 cancels to ~1e-5 of its terms
+    av2 = torch.randn(3, n, generator=g, dtype=torch.float64)  # a second adapter, rank 3
+    bv2 = torch.randn(rows, 3, generator=g, dtype=torch.float64)
     u = torch.randn(rows, n, generator=g, dtype=torch.float64)
-    p = u @ av.t()
-    ud, dd2 = torch.empty(rows), torch.empty(rows)
-    ok = torch.empty(rows, dtype=torch.bool)
-    kernels.lowrank_sums(bv.float(), p.float(), (av @ av.t()).float(), s, 1e-2, ud, dd2, ok)
-    delta = s * bv @ av
-    ref_ud, ref_dd2 = (u * delta).sum(1), (delta * delta).sum(1)
-    assert not ok[:40].any() and ok[40:].all()
-    terms = s * (bv.abs() * p.abs()).sum(1)
-    assert ((ud.double() - ref_ud).abs() <= 1e-6 * terms).all()
-    assert torch.allclose(dd2.double()[40:], ref_dd2[40:], rtol=1e-5, atol=0)
+    a, b = torch.cat([av, av2]), torch.cat([bv, bv2], 1)
+    p = u @ a.t()
+    ud, dd2 = torch.empty(2, rows), torch.empty(2, rows)
+    ok = torch.empty(2, rows, dtype=torch.bool)
+    kernels.lowrank_sums(b.float(), p.float(), a.float(), [0, 6, 9], [0.7, -1.5], 1e-2, ud, dd2, ok)
+    assert not ok[0, :40].any() and ok[0, 40:].all() and ok[1].all()
+    for k, (s, bk, ak, pk) in enumerate([(0.7, bv, av, p[:, :6]), (-1.5, bv2, av2, p[:, 6:])]):
+        delta = s * bk @ ak
+        ref_ud, ref_dd2 = (u * delta).sum(1), (delta * delta).sum(1)
+        terms = abs(s) * (bk.abs() * pk.abs()).sum(1)
+        assert ((ud[k].double() - ref_ud).abs() <= 1e-6 * terms).all()
+        keep = ok[k]
+        assert torch.allclose(dd2[k].double()[keep], ref_dd2[keep], rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -280,7 +286,8 @@ def test_closed_sums_with_a_magnitude_equal_the_per_vector_dora_path():
     for f in ("delta_m", "delta_d", "m0_mean", "s_mean", "align_mean", "align_abs_mean",
               "delta_m_radial", "delta_m_tangential"):
         assert getattr(fast, f) == pytest.approx(getattr(slow, f), rel=1e-12, abs=1e-15), f
-    ud, dd2, _, ok = base._lowrank_sums(a, b, 0.5, None)
+    bv, av = base._factors(a, b)
+    ud, dd2, ok = (t[0] for t in base._lowrank_sums([(bv, av)], [0.5], base._project(av), av))
     bad = m.clone()
     bad[5] = math.nan
     assert kernels.closed_sums(ud[None], dd2[None], base.n0, ok[None], 0.5, bad[None])[0, 10] == 1

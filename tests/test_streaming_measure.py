@@ -202,6 +202,35 @@ def test_projecting_several_adapters_at_once(gen, axis):
 
 
 @pytest.mark.parametrize("axis", ["out", "in"])
+def test_many_adapters_at_once_equal_each_alone_and_float64(gen, axis):
+    """``measure_lowrank_many``: LoRA and DoRA adapters of different ranks and scalings in one
+    call (one GEMM, one kernel call for the sums, one for the means) give each adapter the
+    numbers it gets alone, and the float64 merge's; rows the closed form does not take (δ
+    along u) go to the dense form for their adapter only."""
+    w0 = torch.randn(OUT, IN, generator=gen).bfloat16()
+    adapters = []
+    for k, r in enumerate((2, 4, 7, 4)):
+        a, b = torch.randn(r, IN, generator=gen), 0.1 * torch.randn(OUT, r, generator=gen)
+        m = None
+        if k % 2:  # DoRA: a magnitude per output row (axis "in": merged densely)
+            m = w0.float().norm(dim=1) * (1 + 0.05 * torch.randn(OUT, generator=gen))
+            m[2] = -m[2]
+        adapters.append((a, b, 0.5 * (k + 1), m))
+    adapters[2][1][0] = 0.0
+    adapters[2][0][0] = w0[1].float()  # adapter 2, row 1: δ has a part along u_1
+    adapters[2][1][1] = torch.tensor([3.0, 0, 0, 0, 0, 0, 0])
+    base = BaseWeight(w0, axis=axis, block_rows=5)
+    together = base.measure_lowrank_many(adapters)
+    for (a, b, s, m), got in zip(adapters, together):
+        alone = base.measure_lowrank(a, b, s, m)
+        close(got, alone, rel=1e-6)
+        merged = merge_lora(w0.double(), a.double(), b.double(), s) if m is None else \
+            merge_dora(w0.double(), a.double(), b.double(), s, m.double())
+        close(got, ref64(w0, merged, axis))
+    assert base.measure_lowrank_many([]) == []
+
+
+@pytest.mark.parametrize("axis", ["out", "in"])
 def test_lowrank_on_a_bf16_base_projected_in_blocks(gen, axis):
     """A bf16 W_0 is converted a block at a time for the projection W_0 Aᵀ (2 blocks here,
     along the rows or, for axis "in", along the stored rows summed into one product)."""

@@ -321,13 +321,15 @@ class BaseWeight:
                 for k, dense in enumerate(denses)]
 
     def _fast_sums(self, ud: torch.Tensor, dd2: torch.Tensor, ok: torch.Tensor | None,
-                   magnitude: torch.Tensor | None, every: bool = True) -> list | None:
+                   magnitude: torch.Tensor | None, every: bool = True,
+                   with_magnitude: list[bool] | None = None) -> list | None:
         """Per checkpoint its Measurement straight from ``kernels.closed_sums``, or None where
         the closed form does not take every vector (or a value is not finite; or no kernels).
-        ``every``: None unless all of them are measured so."""
+        ``every``: None unless all of them are measured so. ``with_magnitude``: which rows of
+        ``magnitude`` are DoRA magnitudes (default: all of them, when it is given)."""
         if not self._kernels:
             return None if every else [None] * ud.shape[0]
-        sums = kernels.closed_sums(ud, dd2, self.n0, ok, _ALONG, magnitude)
+        sums = kernels.closed_sums(ud, dd2, self.n0, ok, _ALONG, magnitude, with_magnitude)
         out = [_from_sums(ud.shape[1], s[0], s[1:9]) if s[9] == 0 and s[10] == 0 else None for s in sums]
         return None if every and any(m is None for m in out) else out
 
@@ -345,24 +347,50 @@ class BaseWeight:
                         projected: torch.Tensor | None = None) -> Measurement:
         """ΔM, ΔD of W_0 + s·B·A (Eq. 1), or with ``magnitude`` of DoRA's
         m · (W_0 + s·B·A) / ||W_0 + s·B·A|| (Eq. 5, norm per output row).
-        ``projected``: this adapter's part of ``project`` (several adapters, one pass)."""
-        if magnitude is None or (self.dim == 1 and magnitude.numel() == self.n0.numel()):  # from the sums
-            ud, dd2, dense, ok = self._lowrank_sums(a, b, scaling, projected)
-            m = None if magnitude is None else magnitude.reshape(1, -1).to(self.dtype).contiguous()
-            fast = self._fast_sums(ud[None], dd2[None], ok[None], m)
-            if fast is not None:
-                return fast[0]
-            return summarize(self._with_magnitude(self._finish(ud, dd2, dense, ok), magnitude))
-        return summarize(self.changes_lowrank(a, b, scaling, magnitude, projected))
+        ``projected``: this adapter's part of ``project``, if already made."""
+        return self.measure_lowrank_many([(a, b, scaling, magnitude)],
+                                         None if projected is None else [projected])[0]
+
+    def measure_lowrank_many(self, adapters: list[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]],
+                             projected: list[torch.Tensor] | None = None) -> list[Measurement]:
+        """``measure_lowrank`` of several adapters ``(A, B, scaling, magnitude or None)`` of this
+        matrix: one pass over W_0 for all of them (``project``), then on a CPU one kernel call
+        for every adapter's sums and one for their means (``kernels.closed_sums``)."""
+        out: list[Measurement | None] = [None] * len(adapters)
+        summed = [k for k, (_, _, _, m) in enumerate(adapters)
+                  if m is None or (self.dim == 1 and m.numel() == self.n0.numel())]
+        if summed:
+            facs = [self._factors(*adapters[k][:2]) for k in summed]
+            a = _side_by_side([av for _, av in facs], 0)  # (Σr, n)
+            if projected is None:
+                p = self._project(a)
+            else:
+                p = _side_by_side([projected[k] for k in summed], 1)
+            ud, dd2, ok = self._lowrank_sums(facs, [adapters[k][2] for k in summed], p, a)
+            mags = [adapters[k][3] for k in summed]
+            with_m = [m is not None for m in mags]
+            m = torch.stack([self.n0 if v is None else v.reshape(-1).to(self.dtype) for v in mags]) \
+                if any(with_m) else None
+            fast = self._fast_sums(ud, dd2, ok, m, every=False, with_magnitude=with_m)
+            for j, k in enumerate(summed):
+                out[k] = fast[j] if fast[j] is not None else summarize(self._with_magnitude(
+                    self._finish(ud[j], dd2[j], self._lowrank_dense(*facs[j], adapters[k][2]), ok[j]), mags[j]))
+        for k, (a, b, s, m) in enumerate(adapters):
+            if out[k] is None:  # a magnitude per input column: merged densely
+                out[k] = summarize(self.changes_lowrank(a, b, s, m))
+        return out
 
     def project(self, factors: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """W_0 times the input factor of each adapter (A, B) in one pass over W_0: per vector
-        n, the (vectors, r) products u_n · A_j that ``changes_lowrank`` needs. One GEMM with
-        the factors side by side reads W_0 once for all of them."""
+        n, the (vectors, r) products u_n · A_j that ``changes_lowrank`` needs."""
         avs = [self._factors(a, b)[1] for a, b in factors]
         if not avs:
             return []
-        cat = torch.cat(avs, 0)  # (Σr, n)
+        return list(torch.split(self._project(_side_by_side(avs, 0)), [av.shape[0] for av in avs], dim=1))
+
+    def _project(self, cat: torch.Tensor) -> torch.Tensor:
+        """(vectors, Σr): W_0 catᵀ for the factors av_k stacked, cat = [av_1; …; av_K] (Σr, n):
+        one GEMM for all of them, which reads W_0 once."""
         rows, n = self.vecs.shape
         out = torch.empty(rows, cat.shape[0], dtype=self.dtype, device=self.vecs.device)
         if not self._converts:
@@ -386,8 +414,7 @@ class BaseWeight:
                 else:
                     buf.copy_(self.vecs[r0:r1])
                 torch.mm(buf, cat.t(), out=out[r0:r1])
-        cols = [av.shape[0] for av in avs]
-        return list(torch.split(out, cols, dim=1))
+        return out
 
     def _gemm_buffer(self, rows: int, cols: int) -> torch.Tensor:
         """A (rows, cols) buffer in the compute dtype for blocks of W_0, reused across calls."""
@@ -413,7 +440,11 @@ class BaseWeight:
                 self._merged = torch.empty_like(w0)
             v = torch.addmm(w0, b.to(self.dtype), a.to(self.dtype), alpha=scaling, out=self._merged)
             return self.changes(v.mul_(_rescale(magnitude, torch.linalg.vector_norm(v, dim=1)).unsqueeze(1)))
-        return self._with_magnitude(self._finish(*self._lowrank_sums(a, b, scaling, projected)), magnitude)
+        bv, av = self._factors(a, b)
+        p = projected.contiguous() if projected is not None else self._project(av)
+        ud, dd2, ok = self._lowrank_sums([(bv, av)], [scaling], p, av)
+        return self._with_magnitude(self._finish(ud[0], dd2[0], self._lowrank_dense(bv, av, scaling), ok[0]),
+                                    magnitude)
 
     def _with_magnitude(self, ch: VectorChanges, magnitude: torch.Tensor | None) -> VectorChanges:
         """The changes of V' = W_0 + s·B·A, or with DoRA's ``magnitude`` (per output row) of
@@ -425,28 +456,38 @@ class BaseWeight:
         dd = torch.where(m < 0, 2.0 - ch.dd, ch.dd)
         return VectorChanges(m0=self.n0, dm=m.abs() - self.n0, dd=torch.where(valid, dd, 0.0), valid=valid)
 
-    def _lowrank_sums(self, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                      projected: torch.Tensor | None):
-        """(u·δ, |δ|², where those sums are exact enough, the residual form) of W_0 + s·B·A."""
-        bv, av = self._factors(a, b)  # δ (vector-major) = s · bv @ av
-        p = projected if projected is not None else self.project([(a, b)])[0]  # (rows, r)
-        g = av @ av.t()  # (r, r) Gram matrix
-        if self._kernels:  # the three row sums in one pass
-            ud, dd2 = torch.empty_like(self.n0), torch.empty_like(self.n0)
-            gram_ok = torch.empty(ud.shape, dtype=torch.bool)
-            kernels.lowrank_sums(bv.contiguous(), p.contiguous(), g, scaling, _GRAM, ud, dd2, gram_ok)
-        else:
-            ud = scaling * (bv * p).sum(dim=1)  # u·δ
-            dd2 = (scaling * scaling) * ((bv @ g) * bv).sum(dim=1)  # |δ|²
-            bound = (scaling * scaling) * ((bv.abs() @ g.abs()) * bv.abs()).sum(dim=1)
-            gram_ok = dd2 >= _GRAM * bound
+    def _lowrank_sums(self, facs: list[tuple[torch.Tensor, torch.Tensor]], scalings: list[float],
+                      p: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(u·δ, |δ|², where those sums are exact enough), each (K, vectors), of the K adapters
+        W_0 + s_k·bv_k·av_k given as ``facs`` (bv, av), with a = [av_1; …; av_K] and p = W_0 aᵀ
+        (``_project``)."""
+        rows = self.n0.shape[0]
+        ud = torch.empty(len(facs), rows, dtype=self.dtype, device=self.n0.device)
+        dd2 = torch.empty_like(ud)
+        ok = torch.empty(ud.shape, dtype=torch.bool, device=self.n0.device)
+        if self._kernels:  # the three row sums of every adapter in one pass
+            offs = np.cumsum([0] + [av.shape[0] for _, av in facs])
+            kernels.lowrank_sums(_side_by_side([bv for bv, _ in facs], 1), p, a.contiguous(), offs, scalings, _GRAM,
+                                 ud, dd2, ok)
+            return ud, dd2, ok
+        o = 0
+        for k, ((bv, av), s) in enumerate(zip(facs, scalings)):
+            pk = p[:, o:o + av.shape[0]]
+            o += av.shape[0]
+            g = av @ av.t()  # (r, r) Gram matrix
+            ud[k] = s * (bv * pk).sum(dim=1)  # u·δ
+            dd2[k] = (s * s) * ((bv @ g) * bv).sum(dim=1)  # |δ|²
+            bound = (s * s) * ((bv.abs() @ g.abs()) * bv.abs()).sum(dim=1)
+            ok[k] = dd2[k] >= _GRAM * bound
+        return ud, dd2, ok
 
+    def _lowrank_dense(self, bv: torch.Tensor, av: torch.Tensor, scaling: float):
+        """The residual form for the rows ``idx`` of W_0 + s·bv·av."""
         def dense(idx: torch.Tensor) -> VectorChanges:
             uu = self.vecs.index_select(0, idx).to(self.dtype)
             delta = scaling * (bv.index_select(0, idx) @ av)  # (k, r) @ (r, n)
             return _changes(uu, uu + delta, delta, 1)
-
-        return ud, dd2, dense, gram_ok
+        return dense
 
     def _factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(bv, av) with the update per vector δ = s · bv @ av, in the compute dtype."""
@@ -539,6 +580,11 @@ class BaseWeight:
         dm = (2.0 * ud + dd2) / (n0 + nt)
         dd = torch.where(q > 0, perp / (nt * (nt + q.abs())), 1.0 - q / nt).clamp(0.0, 2.0)
         return True, dm, dd, closed
+
+
+def _side_by_side(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """The tensors concatenated along ``dim``, contiguous (no copy for one contiguous tensor)."""
+    return (torch.cat(ts, dim) if len(ts) > 1 else ts[0]).contiguous()
 
 
 def _finite_magnitude(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

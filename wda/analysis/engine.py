@@ -211,7 +211,6 @@ def _work_items(layout: Layout) -> Iterator[_Item]:
                     yield _Item(m, run, step, path)
 
 
-_BATCH_RANK = 128  # adapters of one matrix projected together: up to this many columns
 # Full-weight checkpoints of one matrix measured in one pass over W_0: as many as fit in
 # _BATCH_BYTES, at least _BATCH_MIN, at most _BATCH_MAX (sixteen 768² bf16 matrices, four
 # 4096² ones). The read-ahead holds as many again, so that reading the next batch overlaps
@@ -222,6 +221,17 @@ _BATCH_MIN, _BATCH_MAX = 4, 16
 
 def _full_batch(nbytes: int) -> int:
     return max(_BATCH_MIN, min(_BATCH_MAX, _BATCH_BYTES // max(nbytes, 1)))
+
+
+# Adapters of one matrix measured together (one GEMM over W_0, one kernel call for their sums):
+# their factors side by side, as many columns as keep the factors and W_0's products with them
+# (float32, out + in rows per column, twice) within _BATCH_BYTES: 1024 (the most) at 768²,
+# 512 at 4096², 256 at 8192²; at least 128.
+_RANK_MIN, _RANK_MAX = 128, 1024
+
+
+def _adapter_batch(m: ModuleInfo) -> int:
+    return max(_RANK_MIN, min(_RANK_MAX, _BATCH_BYTES // (8 * (m.stored_shape[0] + m.in_features))))
 
 
 @dataclass
@@ -349,7 +359,7 @@ def _adapter_tensors(data: _Loaded, dev: torch.device, dtype: torch.dtype,
 
 class _Measurer:
     """The measuring side of the loop: one prepared W_0 at a time; adapters of a matrix are
-    gathered and projected on W_0 together (``BaseWeight.project``), one pass for all."""
+    gathered and measured together (``BaseWeight.measure_lowrank_many``), one pass for all."""
 
     def __init__(self, options: AnalysisOptions, dev: torch.device, dtype: torch.dtype) -> None:
         self.options, self.dev, self.dtype = options, dev, dtype
@@ -378,7 +388,7 @@ class _Measurer:
             self._flush_full()
             self._pending.append((item, data))
             self._rank += sum(v.shape[0] for k, v in data.tensors.items() if k == "a")
-            if self._rank >= _BATCH_RANK:
+            if self._rank >= _adapter_batch(item.module):
                 self._flush_adapters()
         else:
             self._flush_adapters()
@@ -415,20 +425,25 @@ class _Measurer:
         base = self.base
         tensors = [_adapter_tensors(d, self.dev, self.dtype, it.module, it.module.part is None
                                     or it.run.adapts_fused(it.module)) for it, d in pending]
-        # the ones measured from their factors share one pass over W_0
+        # the ones measured from their factors share one pass over W_0 and one kernel call
         low = [i for i, t in enumerate(tensors)
                if "a" in t and "m_in" not in t and not ("m" in t and base.dim == 0)]
-        proj = dict(zip(low, base.project([(tensors[i]["a"], tensors[i]["b"]) for i in low])))
+        try:
+            found = dict(zip(low, base.measure_lowrank_many(
+                [(tensors[i]["a"], tensors[i]["b"], pending[i][1].scaling, tensors[i].get("m")) for i in low])))
+        except NonFiniteWeights:  # one of them is broken: one at a time, to name it
+            found = {}
         for i, ((item, data), t) in enumerate(zip(pending, tensors)):
             s = data.scaling  # this checkpoint's own, for this module
-            if "a" not in t:  # magnitude only (paper Table 6): W' = m · W_0 / ||W_0||
+            if i in found:
+                self._record(item, data, lambda m=found[i]: m)
+            elif "a" not in t:  # magnitude only (paper Table 6): W' = m · W_0 / ||W_0||
                 self._record(item, data, lambda t=t: base.measure_rescaled(t["m"]))
             elif "m_in" in t:  # magnitudes per input channel: merged densely (one matrix)
                 self._record(item, data, lambda t=t, s=s: base.measure(
                     merge_dora_input_axis(self.w0.to(self.dtype), t["a"], t["b"], s, t["m_in"])))
             else:
-                self._record(item, data, lambda t=t, s=s, p=proj.get(i): base.measure_lowrank(
-                    t["a"], t["b"], s, t.get("m"), projected=p))
+                self._record(item, data, lambda t=t, s=s: base.measure_lowrank(t["a"], t["b"], s, t.get("m")))
 
     def _record(self, item: _Item, data: _Loaded, fn) -> None:
         try:

@@ -122,16 +122,27 @@ def row_norms(u: torch.Tensor, out: torch.Tensor) -> None:
     _launch(_row_norms, _row_norms_parallel, u.shape[0], u.numel(), _array(u), out.numpy())
 
 
-def lowrank_sums(bv: torch.Tensor, p: torch.Tensor, g: torch.Tensor, scaling: float, cancel: float,
-                 ud: torch.Tensor, dd2: torch.Tensor, ok: torch.Tensor) -> None:
-    """The sums of one adapter, δ_n = s·bv_n·av per vector n, from its small factors: with
-    p = W_0 avᵀ (rows, r) and the Gram matrix g = av avᵀ (r, r), ud[n] = u_n·δ_n = s·bv_n·p_n,
-    dd2[n] = |δ_n|² = s²·bv_n g bv_nᵀ, and ok[n] = False where that sum cancels to less than
-    ``cancel`` times the sum of its absolute terms (the row is then recomputed densely).
-    All contiguous CPU tensors in the compute dtype, ``ok`` bool."""
-    rows, r = bv.shape
-    _launch(_lowrank_sums, _lowrank_sums_parallel, rows, rows * r * r, bv.numpy(), p.numpy(),
-            g.numpy(), scaling, cancel, ud.numpy(), dd2.numpy(), ok.numpy())
+def lowrank_sums(b: torch.Tensor, p: torch.Tensor, a: torch.Tensor, offsets: Sequence[int],
+                 scalings: Sequence[float], cancel: float, ud: torch.Tensor, dd2: torch.Tensor,
+                 ok: torch.Tensor) -> None:
+    """The sums of K adapters of one matrix from their small factors, δ_kn = s_k·bv_kn·av_k
+    per vector n: adapter k owns columns ``offsets[k]:offsets[k+1]`` of b = [bv_1 … bv_K]
+    (vectors, Σr) and of p = W_0 aᵀ (``BaseWeight.project``), and those rows of
+    a = [av_1; …; av_K] (Σr, n). Its Gram matrix g_k = av_k av_kᵀ is
+    made here, then ud[k, n] = u_n·δ_kn = s_k·bv_kn·p_kn, dd2[k, n] = |δ_kn|² =
+    s_k²·bv_kn g_k bv_knᵀ, and ok[k, n] = False where that sum cancels to less than ``cancel``
+    times the sum of its absolute terms (the row is then recomputed densely). Contiguous CPU
+    tensors in the compute dtype, ``ok`` bool; ud, dd2, ok (K, vectors)."""
+    rows = b.shape[0]
+    bt = b.t().contiguous()  # (Σr, vectors): the Gram form runs along the vectors
+    offs = np.asarray(offsets, np.int64)
+    ranks = np.diff(offs)
+    rmax = int(ranks.max(initial=0))
+    g = np.empty((len(ranks), rmax, rmax), ud.numpy().dtype)
+    pairs = int((ranks * (ranks + 1) // 2).sum())
+    _launch(_grams, _grams_parallel, len(ranks), pairs * a.shape[1], a.numpy(), offs, g)
+    _launch(_lowrank_rows, _lowrank_rows_parallel, rows, rows * pairs, b.numpy(), bt.numpy(), p.numpy(), g, offs,
+            np.asarray(scalings, np.float64), cancel, ud.numpy(), dd2.numpy(), ok.numpy())
 
 
 def closed_form(ud: torch.Tensor, dd2: torch.Tensor, n0: torch.Tensor, ok: torch.Tensor | None,
@@ -158,19 +169,25 @@ def vector_sums(m0: torch.Tensor, dm: torch.Tensor, dd: torch.Tensor, valid: tor
 
 
 def closed_sums(ud: torch.Tensor, dd2: torch.Tensor, n0: torch.Tensor, ok: torch.Tensor | None,
-                along: float, magnitude: torch.Tensor | None = None) -> np.ndarray:
+                along: float, magnitude: torch.Tensor | None = None,
+                with_magnitude: Sequence[bool] | None = None) -> np.ndarray:
     """``closed_form`` and ``vector_sums`` in one call for K checkpoints of one matrix (ud, dd2:
     (K, vectors), ``ok`` the same shape or None): row k holds the nine sums of ``vector_sums``
     over the vectors the closed form takes, then [9] how many it does not take (those need the
     residual form: the caller then takes the per-vector path) and [10] 1 when a sum (or a
     magnitude) is NaN or Inf. With ``magnitude`` ((K, vectors), DoRA's m per output row) the
-    vector is m·V'/|V'|: Δm = |m| - |u|, ΔD of ±V', and m = 0 leaves the vector out. No
-    per-vector tensor is made: the per-checkpoint tail of an adapter or full-weight
-    checkpoint in one call."""
-    out = np.zeros((ud.shape[0], 11))
+    vector is m·V'/|V'|: Δm = |m| - |u|, ΔD of ±V', and m = 0 leaves the vector out;
+    ``with_magnitude`` (K bools, default all) says which checkpoints have one (LoRA and DoRA
+    adapters of one matrix in one call). No per-vector tensor is made: the per-checkpoint
+    tail of adapter and full-weight checkpoints in one call."""
+    k = ud.shape[0]
+    out = np.zeros((k, 11))
     ok_ = ok.numpy() if ok is not None else np.ones(ud.shape, np.bool_)
     mag = magnitude.numpy() if magnitude is not None else np.ones(ud.shape, ud.numpy().dtype)
-    _closed_sums(ud.numpy(), dd2.numpy(), n0.numpy(), ok_, mag, magnitude is not None, along, out)
+    use = np.full(k, magnitude is not None) if with_magnitude is None else np.asarray(with_magnitude, np.bool_)
+    if magnitude is None and use.any():
+        raise ValueError("with_magnitude needs a magnitude")
+    _closed_sums(ud.numpy(), dd2.numpy(), n0.numpy(), ok_, mag, use, along, out)
     return out
 
 
@@ -321,31 +338,72 @@ if numba is not None:
             _widen_rows(u, out, rows * c // chunks, rows * (c + 1) // chunks)
 
     @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
-    def _lowrank_sums(bv, p, g, scaling, cancel, ud, dd2, ok, r0, r1):
-        r = bv.shape[1]
-        zero = np.zeros(1, ud.dtype)[0]
-        for i in range(r0, r1):
-            s1 = zero  # bv_n·p_n
-            s2 = zero  # bv_n g bv_nᵀ
-            s3 = zero  # the same with absolute values: the size of its terms
-            for j in range(r):  # g is symmetric: row j of g is its column j (contiguous)
-                t = zero
-                ta = zero
-                for k in range(r):
-                    t += g[j, k] * bv[i, k]
-                    ta += abs(g[j, k]) * abs(bv[i, k])
-                s1 += bv[i, j] * p[i, j]
-                s2 += t * bv[i, j]
-                s3 += ta * abs(bv[i, j])
-            ud[i] = scaling * s1
-            dd2[i] = (scaling * scaling) * s2
-            ok[i] = s2 >= cancel * s3
+    def _grams(a, offs, g, k0, k1):
+        """g[k] = av_k av_kᵀ (top-left r_k x r_k) for adapters k0:k1, av_k = a[offs[k]:offs[k+1]]."""
+        zero = np.zeros(1, g.dtype)[0]
+        for k in range(k0, k1):
+            o = offs[k]
+            r = offs[k + 1] - o
+            for j in range(r):
+                for l in range(j, r):
+                    s = zero
+                    for c in range(a.shape[1]):
+                        s += a[o + j, c] * a[o + l, c]
+                    g[k, j, l] = s
+                    g[k, l, j] = s
 
     @numba.njit(nogil=True, cache=True, parallel=True)
-    def _lowrank_sums_parallel(bv, p, g, scaling, cancel, ud, dd2, ok, chunks):
-        rows = bv.shape[0]
+    def _grams_parallel(a, offs, g, chunks):
+        n = len(offs) - 1
         for c in numba.prange(chunks):
-            _lowrank_sums(bv, p, g, scaling, cancel, ud, dd2, ok,
+            _grams(a, offs, g, n * c // chunks, n * (c + 1) // chunks)
+
+    @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
+    def _lowrank_rows(b, bt, p, g, offs, scal, cancel, ud, dd2, ok, r0, r1):
+        """Rows r0:r1 of every adapter (see ``lowrank_sums``; ``bt`` is ``b`` transposed, both
+        contiguous). bv_n·p_n runs along each row of b and p; bv_n g bv_nᵀ is summed over the
+        pairs j <= l of g's entries, each pass running along the rows (contiguous in bt:
+        vectorised), with its absolute twin beside it. (Indices are kept to range variables
+        over slices: an index like r0 + i may be negative for numba, and the wraparound
+        check it then adds stops LLVM from vectorising: 3x slower.)"""
+        zero = np.zeros(1, ud.dtype)[0]
+        n = r1 - r0
+        K = len(offs) - 1
+        for i in range(n):  # bv_n·p_n
+            bi = b[r0 + i]
+            pi = p[r0 + i]
+            for k in range(K):
+                s1 = zero
+                for c in range(offs[k], offs[k + 1]):
+                    s1 += bi[c] * pi[c]
+                ud[k, r0 + i] = scal[k] * s1
+        s2 = np.empty(n, ud.dtype)  # bv_n g bv_nᵀ
+        s3 = np.empty(n, ud.dtype)  # the same with absolute values: the size of its terms
+        for k in range(K):
+            o = offs[k]
+            r = offs[k + 1] - o
+            s2[:] = zero
+            s3[:] = zero
+            for j in range(r):
+                x = bt[o + j, r0:r1]  # (row, slice) of a C array: contiguous for numba
+                for l in range(j, r):
+                    c = g[k, j, l] if l == j else g[k, j, l] + g[k, j, l]  # (2 * g: a float64)
+                    ca = abs(c)
+                    y = bt[o + l, r0:r1]
+                    for i in range(n):
+                        xy = x[i] * y[i]
+                        s2[i] += c * xy
+                        s3[i] += ca * abs(xy)
+            s = scal[k]
+            for i in range(n):
+                dd2[k, r0 + i] = (s * s) * s2[i]
+                ok[k, r0 + i] = s2[i] >= cancel * s3[i]
+
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def _lowrank_rows_parallel(b, bt, p, g, offs, scal, cancel, ud, dd2, ok, chunks):
+        rows = b.shape[0]
+        for c in numba.prange(chunks):
+            _lowrank_rows(b, bt, p, g, offs, scal, cancel, ud, dd2, ok,
                           rows * c // chunks, rows * (c + 1) // chunks)
 
     @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
@@ -547,7 +605,7 @@ if numba is not None:
         c_ = np.empty(rows, ud.dtype)
         w_ = np.empty(rows)
         for k in range(ud.shape[0]):
-            missed, bad = _closed_vectors(ud[k], dd2[k], n0, ok[k], mag[k], use_mag, along, u_, d_, c_, w_)
+            missed, bad = _closed_vectors(ud[k], dd2[k], n0, ok[k], mag[k], use_mag[k], along, u_, d_, c_, w_)
             out[k, 0], out[k, 1], out[k, 2], out[k, 3] = _plain_sums(u_, d_, c_, w_)
             out[k, 4], out[k, 5], out[k, 6], out[k, 7], out[k, 8] = _diagnostic_sums(u_, d_, c_)
             out[k, 9] = missed
