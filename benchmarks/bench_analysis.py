@@ -279,6 +279,63 @@ def worker_floor(root: Path, layers: int | None, device: str, out_csv: str | Non
     return {"seconds": secs, "bytes": nbytes, **mem.report()}
 
 
+_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def worker_gemm(root: Path, layers: int | None, device: str, out_csv: str | None = None, axis: str = "out") -> dict:
+    """The floor plus the arithmetic that no exact analysis of an adapter can avoid (CPU):
+    the same byte ranges read the same way, and per module W_0 widened to float32 once and ONE
+    GEMM W_0 [A_1; …; A_T]ᵀ for all its adapter checkpoints (torch's matmul, the worker's
+    threads): u_n·δ_n = s·B_n·(W_0 Aᵀ)_n needs every entry of W_0 Aᵀ. For full weights it is
+    the floor. (wda does more per adapter, O(vectors·r²): the sums from B and the Gram matrix.)"""
+    import torch
+
+    todo = analysed_tensors(root, layers)
+    headers: dict[Path, tuple[int, dict]] = {}
+    for f, _ in todo:
+        if f not in headers:
+            headers[f] = _header(f)
+    biggest = max(e - s for f, key in todo for s, e in [headers[f][1][key]["data_offsets"]])
+    buf = torch.empty(biggest, dtype=torch.uint8)
+    buf.fill_(0)
+
+    def read(fd: int, f: Path, key: str, into: torch.Tensor | None = None) -> torch.Tensor:
+        off, hdr = headers[f]
+        s, e = hdr[key]["data_offsets"]
+        view = (buf if into is None else into)[: e - s]
+        got = os.preadv(fd, [view.numpy()], off + s)
+        assert got == e - s, (f, key)
+        return view.view(getattr(torch, _DTYPES[hdr[key]["dtype"]])).reshape(hdr[key]["shape"])
+
+    with MemSampler() as mem:
+        t0 = time.perf_counter()
+        nbytes, w0, factors = 0, None, []
+
+        def project() -> None:
+            if factors:
+                torch.mm(w0, torch.cat(factors).t())
+                factors.clear()
+
+        for f, key in todo:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                if f.parent.name == "base":
+                    project()
+                    w0 = read(fd, f, key).float()  # a copy: the buffer is reused
+                elif key.endswith("lora_A.weight"):
+                    s, e = headers[f][1][key]["data_offsets"]
+                    factors.append(read(fd, f, key, torch.empty(e - s, dtype=torch.uint8)))
+                else:
+                    read(fd, f, key)
+            finally:
+                os.close(fd)
+            s, e = headers[f][1][key]["data_offsets"]
+            nbytes += e - s
+        project()
+        secs = time.perf_counter() - t0
+    return {"seconds": secs, "bytes": nbytes, **mem.report()}
+
+
 def worker_st(root: Path, layers: int | None, device: str, out_csv: str | None = None, axis: str = "out") -> dict:
     """What a plain script does: each analysed tensor read with the ``safetensors``
     package (``safe_open``, one file open at a time, tensors in the same order as the
@@ -369,7 +426,8 @@ def _worker_main(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     root = Path(args.dir)
-    fn = {"floor": worker_floor, "st": worker_st, "wda": worker_wda, "naive": worker_naive}[args.worker]
+    fn = {"floor": worker_floor, "gemm": worker_gemm, "st": worker_st, "wda": worker_wda,
+          "naive": worker_naive}[args.worker]
     # Warm-up on one layer: lazy imports, library code pages, allocator pools. Otherwise the
     # first run pays them and its "peak memory" counts libtorch pages touched for the first time.
     fn(root, 1, args.device, None, args.axis)
@@ -564,7 +622,7 @@ def main(argv=None) -> None:
     p.add_argument("--growth-layers", type=int, default=2)
     p.add_argument("--growth-steps", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="tiny sizes, warm cache, 1 round: a smoke run")
-    p.add_argument("--_worker", choices=("floor", "st", "wda", "naive"), help=argparse.SUPPRESS)
+    p.add_argument("--_worker", choices=("floor", "gemm", "st", "wda", "naive"), help=argparse.SUPPRESS)
     p.add_argument("--_dir", help=argparse.SUPPRESS)
     p.add_argument("--_layers", dest="layers_filter", type=int, help=argparse.SUPPRESS)
     p.add_argument("--_csv", dest="csv", help=argparse.SUPPRESS)

@@ -13,7 +13,8 @@ per run (FT, LoRA, DoRA), of which views (symlinks) select 4 or 40 checkpoints a
 Tables:
 
 1. **Sweep**: wda / floor for each width x {4, 40} checkpoints x {FT, LoRA, DoRA} x threads,
-   warm cache (and cold with ``--cold``).
+   warm cache (and cold with ``--cold``); for adapter runs also wda / (floor + the one GEMM
+   per matrix their exact analysis needs).
 2. **Bytes, not tensors**: FT sets of (nearly) the same bytes, 640 MiB, as 4 checkpoints of
    two 4096² layers, made of ever more, ever smaller tensors (down to 576 tensors of 768²):
    if the cost is per byte, the time is the same on every row.
@@ -56,17 +57,24 @@ def set_bytes(root: Path, layers: int | None) -> tuple[int, int]:
 
 
 def measure(root: Path, layers: int | None, threads: list[int], caches: list[str], repeats: int,
-            log, st: bool = False) -> dict:
-    """``st``: also what a plain script does (safetensors + widening to float32)."""
-    modes = [("floor", "cpu", 1)] + ([("st", "cpu", 1)] if st else []) + [("wda", "cpu", t) for t in threads]
+            log, st: bool = False, gemm: bool = False) -> dict:
+    """``st``: also what a plain script does (safetensors + widening to float32); ``gemm``: also
+    the floor plus the one GEMM per matrix that adapters need (``bench_analysis.worker_gemm``),
+    on each thread count."""
+    modes = [("floor", "cpu", 1)] + ([("st", "cpu", 1)] if st else []) \
+        + ([("gemm", "cpu", t) for t in threads] if gemm else []) + [("wda", "cpu", t) for t in threads]
     return ba.summarize(ba.measure_set(root, modes, caches, repeats, layers=layers, log=log))
 
 
 def sweep(args, widths: list[int], threads: list[int], caches: list[str], log) -> list[str]:
     lines = [f"### wda / floor by width ({args.repeats} rounds, medians; CPU)", "",
+             "For adapter runs, *floor+GEMM* is the floor plus the arithmetic an exact analysis of an "
+             "adapter cannot avoid: one float32 GEMM W_0·[A_1; …; A_T]ᵀ per matrix, on as many threads "
+             "(full weights: the floor).", "",
              "| width | layers | checkpoints | run | tensors | GB | cache | floor s | safetensors+float s | "
-             + " | ".join(f"wda s ({t} thr) | wda / floor ({t} thr) | wda / st+float ({t} thr)" for t in threads)
-             + " |", "|---" * (9 + 3 * len(threads)) + "|"]
+             + " | ".join(f"wda s ({t} thr) | wda / floor ({t} thr) | wda / st+float ({t} thr) | "
+                          f"floor+GEMM s ({t} thr) | wda / floor+GEMM ({t} thr)" for t in threads)
+             + " |", "|---" * (9 + 5 * len(threads)) + "|"]
     for h in widths:
         layers = args.layers or LAYERS[h]
         src = dataset(Path(args.data), h, layers, args.steps, args.rank)
@@ -74,14 +82,18 @@ def sweep(args, widths: list[int], threads: list[int], caches: list[str], log) -
             for run in args.runs:
                 root = view(src, steps, run, args.steps)
                 n, nbytes = set_bytes(root, None)
-                res = measure(root, None, threads, caches, args.repeats, log, st=True)
+                adapters = run != "ft"
+                res = measure(root, None, threads, caches, args.repeats, log, st=True, gemm=adapters)
                 for cache in caches:
                     fl, st = res[(cache, "floor", "cpu", 1)], res[(cache, "st", "cpu", 1)]
                     cells = []
                     for t in threads:
                         w = res[(cache, "wda", "cpu", t)]
+                        g = res[(cache, "gemm", "cpu", t)] if adapters else fl
                         cells.append(f"{w['median']:.3f} | **{w['median'] / fl['median']:.2f}** | "
-                                     f"{w['median'] / st['median']:.2f}")
+                                     f"{w['median'] / st['median']:.2f} | "
+                                     + (f"{g['median']:.3f} | **{w['median'] / g['median']:.2f}**" if adapters
+                                        else "- | -"))
                     lines.append(f"| {h}² | {layers} | {steps} | {run} | {n} | {nbytes / 1e9:.2f} | {cache} | "
                                  f"{fl['median']:.3f} | {st['median']:.3f} | " + " | ".join(cells) + " |")
                     print(lines[-1], flush=True)
