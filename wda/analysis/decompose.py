@@ -376,7 +376,7 @@ class BaseWeight:
                 out[k] = fast[j] if fast[j] is not None else summarize(self._with_magnitude(
                     self._finish(ud[j], dd2[j], self._lowrank_dense(*facs[j], adapters[k][2]), ok[j]), mags[j]))
         for k, (a, b, s, m) in enumerate(adapters):
-            if out[k] is None:  # a magnitude per input column: merged densely
+            if out[k] is None:  # DoRA on axis "in" (Eq. 5 rescales output rows): merged densely
                 out[k] = summarize(self.changes_lowrank(a, b, s, m))
         return out
 
