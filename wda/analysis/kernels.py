@@ -9,9 +9,10 @@ sequential stream at a time), its bf16 elements widened in registers, and the su
 there (vectorised): one pass over each checkpoint's bytes (benchmarks/README.md).
 
 ``col_dots`` and ``col_norms`` do the same for vectors stored as columns (axis "in", GPT-2's
-Conv1D layout), reading rows in order. ``lowrank_sums`` gives the same two sums for a LoRA/DoRA
-update from its factors, and ``closed_form`` turns the sums into |v| - |u| and 1 - cos per
-vector: the per-checkpoint tail of the analysis in one call each instead of ~25 small torch ops.
+Conv1D layout), reading rows in order. ``lowrank_sums`` gives the same two sums for the LoRA/DoRA
+updates of a matrix from their factors (all its adapter checkpoints in one call), and
+``closed_form`` / ``closed_sums`` turn the sums into |v| - |u| and 1 - cos per vector and their
+means: the per-checkpoint tail of the analysis in a call or two instead of ~25 small torch ops.
 
 Stored dtypes read directly: float32, float64, bfloat16 and float16 (both decoded from their
 bits: numba has no 16-bit floats). Rows must be contiguous; callers fall back to torch for
