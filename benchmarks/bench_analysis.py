@@ -166,6 +166,18 @@ def _module_filter(layers: int | None):
     return [rf"model\.layers\.({'|'.join(map(str, range(layers)))})\.self_attn\.(q_proj|v_proj)"]
 
 
+def _headers(todo: list[tuple[Path, str]]) -> tuple[dict[Path, tuple[int, dict]], int]:
+    """Each file's (data start, header), read once, and the largest tensor's bytes."""
+    headers: dict[Path, tuple[int, dict]] = {}
+    biggest = 0
+    for f, key in todo:
+        if f not in headers:
+            headers[f] = _header(f)
+        s, e = headers[f][1][key]["data_offsets"]
+        biggest = max(biggest, e - s)
+    return headers, biggest
+
+
 def _header(path: Path) -> tuple[int, dict]:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
@@ -234,13 +246,7 @@ def worker_floor(root: Path, layers: int | None, device: str, out_csv: str | Non
     import torch
 
     todo = analysed_tensors(root, layers)
-    headers: dict[Path, tuple[int, dict]] = {}
-    biggest = 0
-    for f, key in todo:
-        if f not in headers:
-            headers[f] = _header(f)
-        s, e = headers[f][1][key]["data_offsets"]
-        biggest = max(biggest, e - s)
+    headers, biggest = _headers(todo)
     cuda = device.startswith("cuda")
     nbuf = 2 if cuda else 1
     bufs = [torch.empty(biggest, dtype=torch.uint8, pin_memory=cuda) for _ in range(nbuf)]
@@ -291,18 +297,15 @@ def worker_gemm(root: Path, layers: int | None, device: str, out_csv: str | None
     import torch
 
     todo = analysed_tensors(root, layers)
-    headers: dict[Path, tuple[int, dict]] = {}
-    for f, _ in todo:
-        if f not in headers:
-            headers[f] = _header(f)
-    biggest = max(e - s for f, key in todo for s, e in [headers[f][1][key]["data_offsets"]])
+    headers, biggest = _headers(todo)
     buf = torch.empty(biggest, dtype=torch.uint8)
     buf.fill_(0)
 
-    def read(fd: int, f: Path, key: str, into: torch.Tensor | None = None) -> torch.Tensor:
+    def read(fd: int, f: Path, key: str, keep: bool = False) -> torch.Tensor:
+        """The tensor, in the reused buffer (or, ``keep``, in a new one of its own)."""
         off, hdr = headers[f]
         s, e = hdr[key]["data_offsets"]
-        view = (buf if into is None else into)[: e - s]
+        view = torch.empty(e - s, dtype=torch.uint8) if keep else buf[: e - s]
         got = os.preadv(fd, [view.numpy()], off + s)
         assert got == e - s, (f, key)
         return view.view(getattr(torch, _DTYPES[hdr[key]["dtype"]])).reshape(hdr[key]["shape"])
@@ -319,18 +322,15 @@ def worker_gemm(root: Path, layers: int | None, device: str, out_csv: str | None
         for f, key in todo:
             fd = os.open(f, os.O_RDONLY)
             try:
-                if f.parent.name == "base":
-                    project()
-                    w0 = read(fd, f, key).float()  # a copy: the buffer is reused
-                elif key.endswith("lora_A.weight"):
-                    s, e = headers[f][1][key]["data_offsets"]
-                    factors.append(read(fd, f, key, torch.empty(e - s, dtype=torch.uint8)))
-                else:
-                    read(fd, f, key)
+                t = read(fd, f, key, keep=key.endswith("lora_A.weight"))
             finally:
                 os.close(fd)
-            s, e = headers[f][1][key]["data_offsets"]
-            nbytes += e - s
+            nbytes += t.numel() * t.element_size()
+            if f.parent.name == "base":
+                project()
+                w0 = t.float()  # a copy: the buffer is reused
+            elif key.endswith("lora_A.weight"):
+                factors.append(t)
         project()
         secs = time.perf_counter() - t0
     return {"seconds": secs, "bytes": nbytes, **mem.report()}

@@ -373,8 +373,8 @@ class BaseWeight:
                 if any(with_m) else None
             fast = self._fast_sums(ud, dd2, ok, m, every=False, with_magnitude=with_m)
             for j, k in enumerate(summed):
-                out[k] = fast[j] if fast[j] is not None else summarize(self._with_magnitude(
-                    self._finish(ud[j], dd2[j], self._lowrank_dense(*facs[j], adapters[k][2]), ok[j]), mags[j]))
+                out[k] = fast[j] if fast[j] is not None else summarize(
+                    self._lowrank_changes(ud[j], dd2[j], ok[j], *facs[j], adapters[k][2], mags[j]))
         for k, (a, b, s, m) in enumerate(adapters):
             if out[k] is None:  # DoRA on axis "in" (Eq. 5 rescales output rows): merged densely
                 out[k] = summarize(self.changes_lowrank(a, b, s, m))
@@ -430,8 +430,7 @@ class BaseWeight:
         return self._w0_out
 
     def changes_lowrank(self, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                        magnitude: torch.Tensor | None = None,
-                        projected: torch.Tensor | None = None) -> VectorChanges:
+                        magnitude: torch.Tensor | None = None) -> VectorChanges:
         """A (r, in), B (out, r), m (out,): per vector, u·δ = s·B_n·(W_0 Aᵀ)_n and
         |δ|² = s²·B_n (A Aᵀ) B_nᵀ: O(out·in·r) flops, no (out, in) temporary."""
         if magnitude is not None and self.dim == 0:  # merged densely (see _base_out)
@@ -441,10 +440,8 @@ class BaseWeight:
             v = torch.addmm(w0, b.to(self.dtype), a.to(self.dtype), alpha=scaling, out=self._merged)
             return self.changes(v.mul_(_rescale(magnitude, torch.linalg.vector_norm(v, dim=1)).unsqueeze(1)))
         bv, av = self._factors(a, b)
-        p = projected.contiguous() if projected is not None else self._project(av)
-        ud, dd2, ok = self._lowrank_sums([(bv, av)], [scaling], p, av)
-        return self._with_magnitude(self._finish(ud[0], dd2[0], self._lowrank_dense(bv, av, scaling), ok[0]),
-                                    magnitude)
+        ud, dd2, ok = self._lowrank_sums([(bv, av)], [scaling], self._project(av), av)
+        return self._lowrank_changes(ud[0], dd2[0], ok[0], bv, av, scaling, magnitude)
 
     def _with_magnitude(self, ch: VectorChanges, magnitude: torch.Tensor | None) -> VectorChanges:
         """The changes of V' = W_0 + s·B·A, or with DoRA's ``magnitude`` (per output row) of
@@ -481,13 +478,16 @@ class BaseWeight:
             ok[k] = dd2[k] >= _GRAM * bound
         return ud, dd2, ok
 
-    def _lowrank_dense(self, bv: torch.Tensor, av: torch.Tensor, scaling: float):
-        """The residual form for the rows ``idx`` of W_0 + s·bv·av."""
+    def _lowrank_changes(self, ud: torch.Tensor, dd2: torch.Tensor, ok: torch.Tensor, bv: torch.Tensor,
+                         av: torch.Tensor, scaling: float, magnitude: torch.Tensor | None) -> VectorChanges:
+        """Per-vector changes of W_0 + s·bv·av (with DoRA's ``magnitude``) from its sums (one
+        adapter's row of ``_lowrank_sums``); the rows the closed form does not take are
+        recomputed with the residual form."""
         def dense(idx: torch.Tensor) -> VectorChanges:
             uu = self.vecs.index_select(0, idx).to(self.dtype)
             delta = scaling * (bv.index_select(0, idx) @ av)  # (k, r) @ (r, n)
             return _changes(uu, uu + delta, delta, 1)
-        return dense
+        return self._with_magnitude(self._finish(ud, dd2, dense, ok), magnitude)
 
     def _factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(bv, av) with the update per vector δ = s · bv @ av, in the compute dtype."""
