@@ -13,9 +13,10 @@ from builders import qv_runs
 
 @pytest.fixture(autouse=True)
 def mapped_reads(monkeypatch):
-    """Every full weight the engine reads in-process is a view of its file's pages, as for a
-    real model's matrices (the tests' tiny ones would otherwise be copied with ``pread``,
-    which the subprocess tests and CUDA take)."""
+    """Every full weight the engine reads in-process is left in its file for the row kernel
+    (or, where that kernel does not apply, is a view of the file's pages), as for a real
+    model's matrices (the tests' tiny ones would otherwise be copied with ``pread``, which
+    the subprocess tests and CUDA take)."""
     monkeypatch.setattr(wda.formats.tensors, "MAPPED_MIN", 0)
 
 

@@ -282,7 +282,10 @@ class BaseWeight:
 
     def measure_many(self, wts: list[torch.Tensor]) -> list[Measurement]:
         """``measure`` of several checkpoints of this matrix, W_0 read once for all of them
-        (CPU kernels; elsewhere one pass each)."""
+        (CPU kernels; elsewhere one pass each). A checkpoint may also be a tensor still in its
+        file (``wda.formats.tensors.StoredTensor``: ``shape``, ``dtype``, ``fd``, ``start``,
+        ``load()``): the row kernel then reads it itself (``kernels.row_dots_read``), else it is
+        loaded."""
         srcs, ud, dd2 = self._dots(wts)
         return self._measure_sums(ud, dd2, None, [self._dense(src) for src in srcs])
 
@@ -295,11 +298,19 @@ class BaseWeight:
         for wt in wts:
             if tuple(wt.shape) != self.shape:
                 raise ValueError(f"shape mismatch: base {self.shape} vs checkpoint {tuple(wt.shape)}")
-        srcs = [wt if self.dim == 1 else wt.t() for wt in wts]
         rows = self.vecs.shape[0]
-        ud = torch.empty(len(srcs), rows, dtype=self.dtype, device=self.vecs.device)
+        ud = torch.empty(len(wts), rows, dtype=self.dtype, device=self.vecs.device)
         dd2 = torch.empty_like(ud)
-        one_dtype = len({s.dtype for s in srcs}) == 1
+        one_dtype = len({s.dtype for s in wts}) == 1
+        in_files = [not isinstance(w, torch.Tensor) for w in wts]
+        if any(in_files):
+            if all(in_files) and self._rows and self.dim == 1 and one_dtype and kernels.readable(wts[0].dtype):
+                failed = kernels.row_dots_read(self.vecs, [(w.fd, w.start) for w in wts], wts[0].dtype, ud, dd2)
+                if failed < 0:
+                    return wts, ud, dd2
+                wts[failed].load()  # raises the error that stopped the kernel, naming the file
+            wts = [w if isinstance(w, torch.Tensor) else w.load() for w in wts]  # read into memory
+        srcs = [wt if self.dim == 1 else wt.t() for wt in wts]
         if self._rows and one_dtype and kernels.supports(*srcs):
             kernels.row_dots(self.vecs, srcs, ud, dd2)  # u·δ and |δ|², one fused pass
         elif self._cols and one_dtype and kernels.supports(*(s.t() for s in srcs)):
@@ -335,9 +346,13 @@ class BaseWeight:
 
     def _dense(self, src: torch.Tensor):
         """The residual form for the rows ``idx`` of a full-weight checkpoint."""
+        loaded: list[torch.Tensor] = []
+
         def dense(idx: torch.Tensor) -> VectorChanges:
+            if not loaded:  # still in its file: read once, when a vector needs it
+                loaded.append(src if isinstance(src, torch.Tensor) else src.load())
             u = self.vecs.index_select(0, idx).to(self.dtype)
-            v = src.index_select(0, idx).to(self.dtype)
+            v = loaded[0].index_select(0, idx).to(self.dtype)
             return _changes(u, v, v - u, 1)
         return dense
 

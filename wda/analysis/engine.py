@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from wda.analysis import kernels
 from wda.analysis.buffers import BufferPool
 from wda.analysis.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
 from wda.train.dora import merge_dora_input_axis
@@ -34,6 +35,7 @@ from wda.errors import WdaError, pythonic_errors
 from wda.formats import HandleCache, fused_qkv
 from wda.analysis.layout import Layout, ModuleInfo, Run, discover
 from wda.analysis.prefetch import prefetched, stage
+from wda.formats.tensors import StoredTensor
 from wda.formats.trainer_state import LOG_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -245,24 +247,33 @@ class _Loaded:
     nbytes: int = 0
 
     def __post_init__(self) -> None:
-        self.nbytes = sum(v.numel() * v.element_size() for v in self.tensors.values())
+        self.nbytes = sum(v.nbytes for v in self.tensors.values())
 
 
-def _read_item(item: _Item, cache: HandleCache, alloc, mapped: bool) -> _Loaded:
+def _read_item(item: _Item, cache: HandleCache, alloc, mapped: bool, in_file: bool = False) -> _Loaded:
     """The stored tensors of one matrix, read into buffers from ``alloc``; with ``mapped`` a
     full weight is a view of the file's own pages instead (no copy: the kernels read the page
-    cache)."""
+    cache); with ``in_file`` a full weight the row kernel can take as stored is left in its
+    file (``Checkpoint.stored_weight``: the kernel reads it, a block of rows at a time)."""
     ck = cache.get(item.path)
     name = item.module.tensor  # the fused module for q, k, v of a fused projection
     if not ck.is_adapter:
-        return _Loaded({"w": ck.read_weight(name, alloc, mapped)}, None, ck.weights[name].file,
-                       mapped=ck.holds_data)
+        w = ck.stored_weight(name) if in_file and item.run is not None and _as_stored(item.module) else None
+        if w is None:
+            w = ck.read_weight(name, alloc, mapped)
+        return _Loaded({"w": w}, None, ck.weights[name].file, mapped=ck.holds_data)
     # an adapter's own module name: prefixes may differ from the base's by a wrapper
     info = ck.adapters[item.run.adapter_names[item.module.name]]
     tensors = ck.read_adapter(item.run.adapter_names[item.module.name], alloc)
     if info.magnitude_axis == "in" and "m" in tensors:
         tensors["m_in"] = tensors.pop("m")  # one magnitude per input channel
     return _Loaded(tensors, info.scaling, info.file, mapped=ck.holds_data)
+
+
+def _as_stored(m: ModuleInfo) -> bool:
+    """Whether the module's vectors (axis "out") are the rows of its weight as stored: no
+    transpose (Conv1D), reshape (conv kernels) or selection of rows (a fused projection's part)."""
+    return len(m.stored_shape) == 2 and not m.transposed and m.part is None
 
 
 def _is_full(item: _Item) -> bool:
@@ -275,21 +286,23 @@ def _read_size(item: _Item) -> int:
     return 2 * item.module.stored_shape[0] * item.module.in_features if _is_full(item) else 0
 
 
-def _reader(cache: HandleCache, dev: torch.device, spent: list):
-    """read(item) for the prefetch thread: tensors read, pages resident or copied to ``dev``.
-    ``spent``: data the measuring side is done with, let go here (unmapping a matrix costs as
-    much as a third of measuring it: this thread has the time)."""
+def _reader(cache: HandleCache, dev: torch.device, spent: list, axis: str = "out"):
+    """read(item) for the prefetch thread: tensors read, pages resident or copied to ``dev``
+    (on a CPU, full-weight checkpoints measured by rows are left in their files for the row
+    kernel to read). ``spent``: data the measuring side is done with, let go here (unmapping a
+    matrix costs as much as a third of measuring it: this thread has the time)."""
     stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
     # CUDA: pinned memory from torch's caching host allocator (itself a pool: a block is
     # reused once its copy to the device is done); CPU: our pool.
     alloc = _pinned if dev.type == "cuda" else BufferPool().take
     mapped = dev.type == "cpu"  # CUDA: read straight into pinned memory, one copy
+    in_file = mapped and axis == "out" and kernels.available()
 
     def read(item: _Item) -> _Loaded:
         while spent:
             spent.pop()
-        data = _read_item(item, cache, alloc, mapped)
-        if not (data.mapped or stream is not None):  # read into memory for the CPU: ready
+        data = _read_item(item, cache, alloc, mapped, in_file)
+        if not (data.mapped or stream is not None):  # in memory or in its file, for the CPU: ready
             return data
         try:
             data.tensors, data.ready = stage(data.tensors, dev, stream, data.mapped)
@@ -406,10 +419,11 @@ class _Measurer:
         pending, self._full = [(it, d) for it, d in self._full if it.key not in self.broken], []
         if not pending:
             return
-        ws = [_canonical(_on_device(d, self.dev)["w"], it.module) for it, d in pending]
+        ws = [d.tensors["w"] if isinstance(d.tensors["w"], StoredTensor)  # the kernel reads it
+              else _canonical(_on_device(d, self.dev)["w"], it.module) for it, d in pending]
         try:
             found = self.base.measure_many(ws)
-        except NonFiniteWeights:  # one of them is broken: one at a time, to name it
+        except (NonFiniteWeights, WdaError):  # one of them is broken: one at a time, to name it
             found = [None] * len(ws)
         for (it, d), w, meas in zip(pending, ws, found):
             self._record(it, d, lambda m=meas, w=w: m if m is not None else self.base.measure(w))
@@ -474,12 +488,12 @@ def run_analysis(ckpt_dir: str | Path | None, options: AnalysisOptions = Analysi
     dev = resolve_device(options.device)
     dtype = DTYPES[options.dtype]
     items = list(_work_items(layout))
-    # Checkpoints of safetensors stay open (their headers: each tensor is mapped on its own and
-    # let go after its batch); a .bin one is reopened for each matrix, since its mapping keeps
-    # every page it has served.
+    # Checkpoints of safetensors stay open (their headers: each full weight is read by the row
+    # kernel from its own descriptor, or mapped on its own, and let go after its batch); a .bin
+    # one is reopened for each matrix, since its mapping keeps every page it has served.
     cache = HandleCache(size=1, opened=layout.opened)
     work = _Measurer(options, dev, dtype)
-    read = _reader(cache, dev, work.spent)
+    read = _reader(cache, dev, work.spent, options.axis)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=measurement_count(layout), desc="wda: measuring", unit="matrix",

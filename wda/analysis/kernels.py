@@ -49,6 +49,11 @@ _MIN_PARALLEL = 1 << 16  # elements: below this, one thread (a thread hand-off c
 # prefetcher follows even across the 4 KiB pages of a memory-mapped file (four interleaved
 # streams, one row of each in turn, ran 1.4x slower on mapped page-cache pages).
 _ROW_BLOCK_BYTES = 192 * 1024
+# ``row_dots_read`` reads a checkpoint's rows this many bytes at a time (with W_0's same rows,
+# when they are widened to float32 for it): each ``pread`` costs ~3 us beside its copy, so
+# fewer, larger reads win even past the L2 size (768² x 40 checkpoints, one thread: 172, 155,
+# 133 us a matrix with 256 KiB, 1 MiB, 4 MiB).
+_READ_BLOCK_BYTES = 4 << 20
 
 
 def available() -> bool:
@@ -101,6 +106,38 @@ def row_dots(u: torch.Tensor, vs: Sequence[torch.Tensor], ud: torch.Tensor, dd2:
     block = max(1, _ROW_BLOCK_BYTES // max(1, u.shape[1] * ud.element_size()))
     _launch(_row_dots, _row_dots_parallel, u.shape[0], u.numel(), _array(u), tuple(_array(v) for v in vs),
             ud.numpy(), dd2.numpy(), block)
+
+
+def row_dots_read(u: torch.Tensor, files: Sequence[tuple[int, int]], dtype: torch.dtype,
+                  ud: torch.Tensor, dd2: torch.Tensor) -> int:
+    """``row_dots`` for checkpoints still in their files: ``files[k] = (fd, offset)`` of a
+    C-contiguous tensor of u's shape stored as ``dtype`` (``readable`` must hold). Each block of
+    checkpoint k's rows is read with ``pread`` into a buffer that stays in cache, the GIL
+    released, and summed there: one copy out of the page cache and no mapping (mapping a
+    768² matrix, faulting its pages in and unmapping it cost more than the sums). Same sums, in
+    the same order, as ``row_dots``. Returns -1, or the index of a checkpoint whose bytes could
+    not all be read (an I/O error, a file cut short: its sums are then meaningless; the caller
+    reads it again to name the error)."""
+    if not readable(dtype) or any(n < 0 for n in u.shape):
+        raise ValueError(f"row_dots_read cannot read {dtype}")
+    # rows per read: the checkpoint's block and W_0's (widened to the compute dtype unless
+    # both are bf16 and float32 sums) together _ROW_BLOCK_BYTES
+    widened = not (u.dtype == dtype == torch.bfloat16 and ud.dtype == torch.float32)
+    per_row = u.shape[1] * (torch.empty(0, dtype=dtype).element_size() + (ud.element_size() if widened else 2))
+    block = max(1, _READ_BLOCK_BYTES // max(1, per_row))
+    fds = np.asarray([f for f, _ in files], np.int64)
+    offs = np.asarray([o for _, o in files], np.int64)
+    failed = np.full(numba.config.NUMBA_NUM_THREADS, -1, np.int64)  # one per range of rows
+    like = np.empty(0, _CODES[dtype])
+    _launch(_row_dots_read, _row_dots_read_parallel, u.shape[0], u.numel(), _array(u),
+            fds, offs, like, ud.numpy(), dd2.numpy(), block, widened, failed)
+    bad = failed[failed >= 0]
+    return int(bad.min()) if bad.size else -1
+
+
+def readable(dtype: torch.dtype) -> bool:
+    """True when ``row_dots_read`` can read checkpoints stored as ``dtype`` (POSIX ``pread``)."""
+    return available() and os.name == "posix" and dtype in _CODES
 
 
 def col_dots(u: torch.Tensor, vs: Sequence[torch.Tensor], ud: torch.Tensor, dd2: torch.Tensor) -> None:
@@ -302,6 +339,77 @@ if numba is not None:
                 v = vs[k]
                 for i in range(b0, b1):
                     ud[k, i], dd2[k, i] = _row_sums(fu[i - b0], v[i], fv, zero)
+
+    # ssize_t pread(int fd, void *buf, size_t count, off_t offset), the pointer passed as an
+    # integer (same width and register as a pointer on every 64-bit POSIX ABI); resolved by
+    # name when the kernel is linked, so the compiled kernel can be cached (a ctypes pointer
+    # could not be)
+    _pread = types.ExternalFunction("pread", types.intp(types.intc, types.intp, types.uintp, types.int64))
+
+    @numba.njit(nogil=True, cache=True)
+    def _read_exactly(fd, buf, nbytes, offset):
+        """True when ``nbytes`` bytes at ``offset`` of ``fd`` are now at the start of ``buf``."""
+        done = 0
+        addr = buf.ctypes.data
+        while done < nbytes:
+            got = _pread(np.intc(fd), addr + done, nbytes - done, offset + done)
+            if got <= 0:  # end of file, or an error (EINTR included: the caller reads it again)
+                return False
+            done += got
+        return True
+
+    def _pair_sums(ur, fu, vr, fv, zero):  # _row_sums(fu, vr, ...) where fu holds ur widened
+        raise NotImplementedError
+
+    @overload(_pair_sums, jit_options={"fastmath": _FASTMATH})
+    def _pair_sums_impl(ur, fu, vr, fv, zero):
+        if ur.dtype == types.uint16 and vr.dtype == types.uint16 and fu.dtype == types.float32:  # in registers
+            def bf16(ur, fu, vr, fv, zero):
+                s1 = zero
+                s2 = zero
+                for j in range(ur.shape[0]):
+                    x = _f32_bits(np.uint32(ur[j]) << np.uint32(16))
+                    d = _f32_bits(np.uint32(vr[j]) << np.uint32(16)) - x
+                    s1 += x * d
+                    s2 += d * d
+                return s1, s2
+            return bf16
+
+        def other(ur, fu, vr, fv, zero):
+            return _row_sums(fu, vr, fv, zero)
+        return other
+
+    @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
+    def _row_dots_read(u, fds, offs, like, ud, dd2, block, widened, failed, r0, r1):
+        """``_row_dots`` with each block of a checkpoint's rows read into ``buf`` first (see
+        ``row_dots_read``); ``failed[0]``: the first checkpoint that could not be read.
+        ``widened``: False when u's rows are widened in registers (bf16 u and checkpoints: no
+        float32 copy of the block in cache, twice as many rows per read)."""
+        cols = u.shape[1]
+        nb = min(block, max(r1 - r0, 1))
+        fu = np.empty((nb if widened else 1, cols), ud.dtype)
+        buf = np.empty((nb, cols), like.dtype)
+        fv = np.empty(cols, ud.dtype)
+        zero = np.zeros(1, ud.dtype)[0]
+        size = like.itemsize
+        for b0 in range(r0, r1, block):
+            b1 = min(r1, b0 + block)
+            if widened:
+                for i in range(b0, b1):
+                    _widen(u[i], fu[i - b0])
+            for k in range(len(fds)):
+                if not _read_exactly(fds[k], buf, (b1 - b0) * cols * size, offs[k] + b0 * cols * size):
+                    failed[0] = k if failed[0] < 0 else min(failed[0], k)
+                    continue
+                for i in range(b0, b1):
+                    ud[k, i], dd2[k, i] = _pair_sums(u[i], fu[i - b0 if widened else 0], buf[i - b0], fv, zero)
+
+    @numba.njit(nogil=True, cache=True, parallel=True)
+    def _row_dots_read_parallel(u, fds, offs, like, ud, dd2, block, widened, failed, chunks):
+        rows = u.shape[0]
+        for c in numba.prange(chunks):
+            _row_dots_read(u, fds, offs, like, ud, dd2, block, widened, failed[c:c + 1],
+                           rows * c // chunks, rows * (c + 1) // chunks)
 
     @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
     def _row_norms(u, out, r0, r1):

@@ -290,6 +290,30 @@ class TensorFile:
         finally:
             os.close(fd)
 
+    def stored(self, name: str) -> StoredTensor | None:
+        """The tensor ``name`` left in this file, for a kernel that reads it itself
+        (``wda.analysis.kernels.row_dots_read``): the file opened, its size checked and the
+        kernel asked to read the tensor's pages ahead (from the disk when they are not cached,
+        while earlier tensors are measured). None where it is not a safetensors tensor of at
+        least ``MAPPED_MIN`` bytes, or off POSIX."""
+        if self._sd is not None or not hasattr(os, "posix_fadvise") or self._nbytes(name) < max(MAPPED_MIN, 1):
+            return None
+        stored, shape, start, end = self._entries[name]
+        dtype = self._torch_dtype(name, stored)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise WdaError(self.path, f"not a readable safetensors file ({short(exc)})",
+                           "re-save or remove this checkpoint") from None
+        try:
+            self._check_size(os.fstat(fd).st_size)
+            if not _cached(fd, start, end):
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+        except BaseException:
+            os.close(fd)
+            raise
+        return StoredTensor(self, name, fd, start, shape, dtype)
+
     def _nbytes(self, name: str) -> int:
         _, _, start, end = self._entries[name]
         return end - start
@@ -354,6 +378,55 @@ class TensorFile:
         if size is not None and size != self._size:
             raise WdaError(self.path, f"changed on disk while being analysed ({self._size} -> {size} bytes)",
                            "is a training job still writing it? rerun once it is complete")
+
+
+_PROBE = bytearray(1)
+
+
+def _cached(fd: int, start: int, end: int) -> bool:
+    """Whether the first and last bytes of ``[start, end)`` are in the page cache (a read that
+    may not wait: ``RWF_NOWAIT``), taken as the whole range being there (a cold file is read
+    in order). Asking for it to be read ahead anyway costs as much as a sixth of measuring a
+    768² matrix, even when every page is cached. False where the probe is not available."""
+    try:
+        return all(os.preadv(fd, [_PROBE], at, os.RWF_NOWAIT) == 1 for at in (start, end - 1))
+    except (OSError, AttributeError):  # not cached (EAGAIN), or no such read here
+        return False
+
+
+class StoredTensor:
+    """A tensor still in its safetensors file (``TensorFile.stored``): an open descriptor and
+    the offset of its bytes, its shape and dtype. ``load()`` reads it into memory (an I/O error
+    or a file cut short is a ``WdaError`` naming the file). It owns the descriptor: ``close()``,
+    or when the object goes."""
+
+    __slots__ = ("file", "name", "fd", "start", "shape", "dtype", "nbytes", "__weakref__")
+
+    def __init__(self, file: TensorFile, name: str, fd: int, start: int, shape: tuple[int, ...],
+                 dtype: torch.dtype) -> None:
+        self.file, self.name, self.fd, self.start = file, name, fd, start
+        self.shape, self.dtype = torch.Size(shape), dtype
+        self.nbytes = file._nbytes(name)
+
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
+    def load(self) -> torch.Tensor:
+        if self.fd < 0:
+            raise ValueError(f"{self.path}: {self.name!r} was closed")
+        return self.file._pread(self.fd, self.name, _new_buffer)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"StoredTensor({str(self.path)!r}, {self.name!r}, {tuple(self.shape)}, {self.dtype})"
 
 
 def _is_u64(v: Any) -> bool:
