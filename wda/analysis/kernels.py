@@ -7,6 +7,8 @@ subtract, norm, multiply, sum); here a block of u's rows is widened once into an
 buffer for all the checkpoints of a batch, each checkpoint's rows then stream past it (one
 sequential stream at a time), its bf16 elements widened in registers, and the sums are made
 there (vectorised): one pass over each checkpoint's bytes (benchmarks/README.md).
+``row_dots_read`` gives the same sums for checkpoints still in their files: it reads each
+block of rows itself (``pread``, the GIL released) into a buffer that stays in cache.
 
 ``col_dots`` and ``col_norms`` do the same for vectors stored as columns (axis "in", GPT-2's
 Conv1D layout), reading rows in order. ``lowrank_sums`` gives the same two sums for the LoRA/DoRA
