@@ -278,13 +278,8 @@ class TensorFile:
             self._check_size(_size_now(self.path))
             return {n: self._sd[n] for n in names}
         alloc = alloc or _new_buffer
+        fd = self._opened()
         try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError as exc:
-            raise WdaError(self.path, f"not a readable safetensors file ({short(exc)})",
-                           "re-save or remove this checkpoint") from None
-        try:
-            self._check_size(os.fstat(fd).st_size)
             return {n: self._map(fd, n) if mapped and _can_map and self._nbytes(n) >= max(MAPPED_MIN, 1)
                     else self._pread(fd, n, alloc) for n in names}
         finally:
@@ -300,6 +295,17 @@ class TensorFile:
             return None
         stored, shape, start, end = self._entries[name]
         dtype = self._torch_dtype(name, stored)
+        fd = self._opened()
+        try:
+            if not _cached(fd, start, end):
+                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+        except BaseException:
+            os.close(fd)
+            raise
+        return StoredTensor(self, name, fd, start, shape, dtype)
+
+    def _opened(self) -> int:
+        """A descriptor of this file (the caller closes it), its size checked against the header's."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as exc:
@@ -307,12 +313,10 @@ class TensorFile:
                            "re-save or remove this checkpoint") from None
         try:
             self._check_size(os.fstat(fd).st_size)
-            if not _cached(fd, start, end):
-                os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
         except BaseException:
             os.close(fd)
             raise
-        return StoredTensor(self, name, fd, start, shape, dtype)
+        return fd
 
     def _nbytes(self, name: str) -> int:
         _, _, start, end = self._entries[name]
