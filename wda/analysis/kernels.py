@@ -123,7 +123,7 @@ def row_dots_read(u: torch.Tensor, files: Sequence[tuple[int, int]], dtype: torc
     if not readable(dtype) or any(n < 0 for n in u.shape):
         raise ValueError(f"row_dots_read cannot read {dtype}")
     # rows per read: the checkpoint's block and W_0's (widened to the compute dtype unless
-    # both are bf16 and float32 sums) together _ROW_BLOCK_BYTES
+    # both are bf16 and the sums float32) together _READ_BLOCK_BYTES
     widened = not (u.dtype == dtype == torch.bfloat16 and ud.dtype == torch.float32)
     per_row = u.shape[1] * (torch.empty(0, dtype=dtype).element_size() + (ud.element_size() if widened else 2))
     block = max(1, _READ_BLOCK_BYTES // max(1, per_row))
