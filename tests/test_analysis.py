@@ -165,10 +165,9 @@ def test_streaming_memory_does_not_grow_with_steps(tmp_path, monkeypatch):
             if int(p.name.split("-")[1]) > n_steps:
                 p.rename(tmp_path / "ft" / f"hidden-{p.name}")  # not a checkpoint-<step>: ignored
         alive, peak = [0], [0]
-        real = analysis._read_item
 
         def tracked(*args):
-            loaded = real(*args)
+            loaded = read_item(*args)
             for t in loaded.tensors.values():
                 alive[0] += 1
                 peak[0] = max(peak[0], alive[0])
@@ -181,6 +180,8 @@ def test_streaming_memory_does_not_grow_with_steps(tmp_path, monkeypatch):
         for p in (tmp_path / "ft").glob("hidden-*"):
             p.rename(tmp_path / "ft" / p.name[len("hidden-"):])
         return peak[0]
+
+    read_item = analysis._read_item  # wrapped afresh by each call, never a wrapper in a wrapper
 
     # W_0, a batch of full-weight checkpoints measured in one pass, the read-ahead, one in hand.
     # Batches and read-ahead go by bytes, within counts: tiny matrices make the largest ones
