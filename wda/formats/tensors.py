@@ -427,7 +427,10 @@ class StoredTensor:
             os.close(fd)
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit ``os`` may already be gone
+            pass
 
     def __repr__(self) -> str:
         return f"StoredTensor({str(self.path)!r}, {self.name!r}, {tuple(self.shape)}, {self.dtype})"
