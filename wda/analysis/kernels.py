@@ -124,13 +124,13 @@ def row_dots_read(u: torch.Tensor, files: Sequence[tuple[int, int]], dtype: torc
         raise ValueError(f"row_dots_read cannot read {dtype}")
     # rows per read: the checkpoint's block and W_0's (widened to the compute dtype unless
     # both are bf16 and the sums float32) together _READ_BLOCK_BYTES
+    like = np.empty(0, _CODES[dtype])  # the stored dtype, as the kernel reads its bits
     widened = not (u.dtype == dtype == torch.bfloat16 and ud.dtype == torch.float32)
-    per_row = u.shape[1] * (torch.empty(0, dtype=dtype).element_size() + (ud.element_size() if widened else 2))
+    per_row = u.shape[1] * (like.itemsize + (ud.element_size() if widened else 2))
     block = max(1, _READ_BLOCK_BYTES // max(1, per_row))
     fds = np.asarray([f for f, _ in files], np.int64)
     offs = np.asarray([o for _, o in files], np.int64)
     failed = np.full(numba.config.NUMBA_NUM_THREADS, -1, np.int64)  # one per range of rows
-    like = np.empty(0, _CODES[dtype])
     _launch(_row_dots_read, _row_dots_read_parallel, u.shape[0], u.numel(), _array(u),
             fds, offs, like, ud.numpy(), dd2.numpy(), block, widened, failed)
     bad = failed[failed >= 0]

@@ -385,13 +385,51 @@ class TensorFile:
 
 
 _PROBE = bytearray(1)
+_CACHESTAT = 451  # cachestat(2), Linux >= 6.5: the same number on every architecture
+_has_cachestat = sys.platform.startswith("linux")
+_syscall = None  # libc's syscall(), typed for cachestat
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted",
+                                               "nr_recently_evicted")]
+
+
+def _cached_pages(fd: int, start: int, end: int) -> int | None:
+    """How many pages of ``[start, end)`` are in the page cache (``cachestat``: it reads
+    nothing), or None where the kernel cannot say."""
+    global _syscall, _has_cachestat
+    if not _has_cachestat:
+        return None
+    try:
+        if _syscall is None:
+            call = ctypes.CDLL(None, use_errno=True).syscall
+            call.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
+            call.restype = ctypes.c_long
+            _syscall = call
+        stat = _Cachestat()
+        if _syscall(_CACHESTAT, fd, ctypes.byref(_CachestatRange(start, end - start)), ctypes.byref(stat), 0) == 0:
+            return stat.nr_cache
+    except (AttributeError, OSError):  # no libc syscall()
+        pass
+    _has_cachestat = False  # ENOSYS (an older kernel) and the like: not asked again
+    return None
 
 
 def _cached(fd: int, start: int, end: int) -> bool:
-    """Whether the first and last bytes of ``[start, end)`` are in the page cache (a read that
-    may not wait: ``RWF_NOWAIT``), taken as the whole range being there (a cold file is read
-    in order). Asking for it to be read ahead anyway costs as much as a sixth of measuring a
-    768² matrix, even when every page is cached. False where the probe is not available."""
+    """Whether ``[start, end)`` is in the page cache. Asking for it to be read ahead anyway
+    costs ~17 µs a 768² matrix even when every page is cached (the kernel measures one in ~130
+    µs). The count of ``cachestat`` where the kernel has it; elsewhere whether the first and last
+    bytes can be read without waiting (``RWF_NOWAIT``), taken as the whole range being there (a
+    cold file is read in order; such a read may itself start reading those bytes in). False
+    where neither is available."""
+    pages = _cached_pages(fd, start, end)
+    if pages is not None:
+        return pages >= (end - 1) // mmap.PAGESIZE - start // mmap.PAGESIZE + 1
     try:
         return all(os.preadv(fd, [_PROBE], at, os.RWF_NOWAIT) == 1 for at in (start, end - 1))
     except (OSError, AttributeError):  # not cached (EAGAIN), or no such read here
