@@ -146,7 +146,7 @@ def test_analysis_read_in_the_kernel_matches_float64_and_the_in_memory_path(tmp_
         assert row.delta_d == pytest.approx(dd, rel=1e-4, abs=1e-9)
         assert row.n_excluded == excluded
     # the same table from the tensors read into memory (mapped), exactly
-    monkeypatch.setattr(TensorFile, "stored", lambda self, name: None)
+    monkeypatch.setattr(TensorFile, "stored", lambda self, name, files=None: None)
     calls.clear()
     again = wda.analyze(tmp_path, progress=False)
     assert not calls
@@ -229,3 +229,51 @@ def test_pages_are_asked_for_ahead_only_when_they_are_not_cached(tmp_path, monke
         pytest.skip("no cachestat in this kernel: whether the probe finds the pages is a race")
     tf.stored("w").close()
     assert asked == [os.POSIX_FADV_WILLNEED]
+
+
+def test_a_tensor_whose_tail_is_not_cached_is_read_ahead(tmp_path, monkeypatch):
+    """The page-cache check looks at a tensor's first and last pages: a cold tail (a file read
+    in part) is asked for too."""
+    p = tmp_path / "model.safetensors"
+    save_file({"w": torch.randn(512, 512)}, str(p))
+    tf = TensorFile(p)
+    start, end = tf._entries["w"][2:]
+    asked = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: (asked.append(advice), real(fd, off, n, advice)))
+    p.read_bytes()
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        real(fd, end - 8192, 0, os.POSIX_FADV_DONTNEED)  # the last pages only
+        counted = _cached_pages(fd, start, end)
+    finally:
+        os.close(fd)
+    if _resident(p, end - 1) != [False] or not _resident(p, start)[0]:
+        pytest.skip("this file system kept (or dropped) other pages: the case cannot be made here")
+    if counted is None:
+        pytest.skip("no cachestat in this kernel")
+    tf.stored("w").close()
+    assert asked == [os.POSIX_FADV_WILLNEED]
+
+
+def test_each_checkpoint_file_is_opened_once_per_analysis(tmp_path, monkeypatch):
+    """Its descriptor is kept for the analysis (``OpenFiles``), each tensor left in it gets a
+    duplicate: one open and size check per file, not per tensor; with room for one file at a
+    time, the same table."""
+    _run(tmp_path, torch.bfloat16, steps=(1, 2, 3))
+    opened = []
+    real = TensorFile._opened
+    monkeypatch.setattr(TensorFile, "_opened", lambda self: (opened.append(self.path), real(self))[1])
+    df = wda.analyze(tmp_path, progress=False)
+    ft = [p for p in opened if "checkpoint-" in str(p)]
+    assert sorted(ft) == sorted(set(ft)) and len(ft) == 3  # 4 matrices in each, opened once
+    assert len(df) == 3 * 4
+    import wda.formats.tensors as tensors
+
+    monkeypatch.setattr(tensors, "_fd_budget", lambda: 1)  # every file in turn pushes the last one out
+    opened.clear()
+    again = wda.analyze(tmp_path, progress=False)
+    assert len([p for p in opened if "checkpoint-" in str(p)]) == 3 * 4
+    cols = ["run", "step", "module", "delta_m", "delta_d", "n_vectors", "n_excluded"]
+    assert df[cols].equals(again[cols])

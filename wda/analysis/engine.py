@@ -4,17 +4,20 @@ Module-major: each base matrix W_0 is read once and prepared (``BaseWeight``), t
 matrix of every checkpoint is measured against it in one pass and freed; adapters are
 measured from their factors (``BaseWeight.measure_lowrank``, float32 on the device) without
 forming the merged matrix. A background thread reads ahead while the current matrices are
-measured: each checkpoint's header is parsed once; on a CPU each full weight is then a view
-of its own mapping of its byte range in the file (the kernels read the page cache: no copy),
-its pages faulted in by the reader, and adapters' small factors are read with ``pread`` into
-pooled buffers (``wda.analysis.buffers``); for CUDA every tensor is read into pinned memory
-and copied to the device on a side stream. A mapping goes, in the reader thread, once the
-matrix in it is measured: peak memory is a few batches of matrices (by bytes) whatever the
-number of layers or steps.
+measured: each checkpoint's header is parsed once, at discovery. On a CPU a full weight whose
+vectors are its stored rows stays in its file, for the row kernel to read (``pread`` of a
+block of rows at a time): the reader opens each file once per analysis (``OpenFiles``) and
+asks for the tensor's pages to be read ahead when they are not cached; other full weights are
+views of their own mapping of their byte range, their pages faulted in by the reader, the
+mapping gone once the matrix is measured; adapters' small factors are read with ``pread`` into
+pooled buffers (``wda.analysis.buffers``). For CUDA every tensor is read into pinned memory
+and copied to the device on a side stream. Peak memory is a few batches of matrices (by
+bytes) whatever the number of layers or steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,7 +38,7 @@ from wda.errors import WdaError, pythonic_errors
 from wda.formats import HandleCache, fused_qkv
 from wda.analysis.layout import Layout, ModuleInfo, Run, discover
 from wda.analysis.prefetch import prefetched, stage
-from wda.formats.tensors import StoredTensor
+from wda.formats.tensors import OpenFiles, StoredTensor
 from wda.formats.trainer_state import LOG_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -250,15 +253,17 @@ class _Loaded:
         self.nbytes = sum(v.nbytes for v in self.tensors.values())
 
 
-def _read_item(item: _Item, cache: HandleCache, alloc, mapped: bool, in_file: bool = False) -> _Loaded:
+def _read_item(item: _Item, cache: HandleCache, alloc, mapped: bool, in_file: bool = False,
+               files: OpenFiles | None = None) -> _Loaded:
     """The stored tensors of one matrix, read into buffers from ``alloc``; with ``mapped`` a
     full weight is a view of the file's own pages instead (no copy: the kernels read the page
     cache); with ``in_file`` a full weight the row kernel can take as stored is left in its
-    file (``Checkpoint.stored_weight``: the kernel reads it, a block of rows at a time)."""
+    file (``Checkpoint.stored_weight``: the kernel reads it, a block of rows at a time), its
+    descriptor from ``files`` where given."""
     ck = cache.get(item.path)
     name = item.module.tensor  # the fused module for q, k, v of a fused projection
     if not ck.is_adapter:
-        w = ck.stored_weight(name) if in_file and item.run is not None and _as_stored(item.module) else None
+        w = ck.stored_weight(name, files) if in_file and item.run is not None and _as_stored(item.module) else None
         if w is None:
             w = ck.read_weight(name, alloc, mapped)
         return _Loaded({"w": w}, None, ck.weights[name].file, mapped=ck.holds_data)
@@ -286,11 +291,13 @@ def _read_size(item: _Item) -> int:
     return 2 * item.module.stored_shape[0] * item.module.in_features if _is_full(item) else 0
 
 
-def _reader(cache: HandleCache, dev: torch.device, spent: list, axis: str = "out"):
+def _reader(cache: HandleCache, dev: torch.device, spent: list, axis: str = "out",
+            files: OpenFiles | None = None):
     """read(item) for the prefetch thread: tensors read, pages resident or copied to ``dev``
     (on a CPU, full-weight checkpoints measured by rows are left in their files for the row
-    kernel to read). ``spent``: data the measuring side is done with, let go here (unmapping a
-    matrix costs as much as a third of measuring it: this thread has the time)."""
+    kernel to read, through ``files``: default, descriptors opened tensor by tensor).
+    ``spent``: data the measuring side is done with, let go here (unmapping a matrix costs as
+    much as a third of measuring it: this thread has the time)."""
     stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
     # CUDA: pinned memory from torch's caching host allocator (itself a pool: a block is
     # reused once its copy to the device is done); CPU: our pool.
@@ -301,7 +308,7 @@ def _reader(cache: HandleCache, dev: torch.device, spent: list, axis: str = "out
     def read(item: _Item) -> _Loaded:
         while spent:
             spent.pop()
-        data = _read_item(item, cache, alloc, mapped, in_file)
+        data = _read_item(item, cache, alloc, mapped, in_file, files)
         if not (data.mapped or stream is not None):  # in memory or in its file, for the CPU: ready
             return data
         try:
@@ -493,19 +500,23 @@ def run_analysis(ckpt_dir: str | Path | None, options: AnalysisOptions = Analysi
     # one is reopened for each matrix, since its mapping keeps every page it has served.
     cache = HandleCache(size=1, opened=layout.opened)
     work = _Measurer(options, dev, dtype)
-    read = _reader(cache, dev, work.spent, options.axis)
+    files = OpenFiles()  # the checkpoints' descriptors, for the full weights left in them
+    read = _reader(cache, dev, work.spent, options.axis, files)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=measurement_count(layout), desc="wda: measuring", unit="matrix",
                disable=None if options.progress is None else not options.progress)
     try:
-        for item, data in prefetched(items, read, options.prefetch, _read_size, 2 * _BATCH_BYTES):
-            if item.run is not None:  # base matrices are read, not measured
-                bar.update(1)
-            work.take(item, data)
-            del data
+        # closed (its thread joined) before the descriptors it duplicates are
+        with contextlib.closing(prefetched(items, read, options.prefetch, _read_size, 2 * _BATCH_BYTES)) as ahead:
+            for item, data in ahead:
+                if item.run is not None:  # base matrices are read, not measured
+                    bar.update(1)
+                work.take(item, data)
+                del data
         work.flush()
     finally:
+        files.close()
         bar.close()
     broken = work.broken
     skipped = list(layout.skipped) + sorted(broken.items())

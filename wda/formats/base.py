@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from wda.errors import WdaError
-from wda.formats.tensors import Alloc, StoredTensor, TensorFile, present, read_json, short_repr
+from wda.formats.tensors import Alloc, OpenFiles, StoredTensor, TensorFile, present, read_json, short_repr
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,14 @@ class Checkpoint:
             raise WdaError(self.source, f"module {module!r} is missing", "the file changed while it was read?")
         return self.read_many([info.key], alloc, mapped)[info.key]
 
-    def stored_weight(self, module: str) -> StoredTensor | None:
-        """The full weight of ``module`` left in its file (``TensorFile.stored``), for a kernel
-        that reads it itself; None where it is not one stored tensor such a kernel can read
-        (a .bin file, a format with its own storage, a small tensor)."""
+    def stored_weight(self, module: str, files: OpenFiles | None = None) -> StoredTensor | None:
+        """The full weight of ``module`` left in its file (``TensorFile.stored``; ``files``: the
+        descriptors kept open), for a kernel that reads it itself; None where it is not one
+        stored tensor such a kernel can read (a .bin file, a format with its own storage, a
+        small tensor)."""
         info = self.weights.get(module)
         tf = self._tensors.get(info.key) if info is not None else None
-        return tf.stored(info.key) if tf is not None else None
+        return tf.stored(info.key, files) if tf is not None else None
 
     def read_adapter(self, module: str, alloc: Alloc | None = None) -> dict[str, torch.Tensor]:
         """The factors of ``module``: ``{"a", "b", "m"}``, those it has, stored dtype."""

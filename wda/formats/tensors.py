@@ -285,17 +285,18 @@ class TensorFile:
         finally:
             os.close(fd)
 
-    def stored(self, name: str) -> StoredTensor | None:
+    def stored(self, name: str, files: OpenFiles | None = None) -> StoredTensor | None:
         """The tensor ``name`` left in this file, for a kernel that reads it itself
-        (``wda.analysis.kernels.row_dots_read``): the file opened, its size checked and the
-        kernel asked to read the tensor's pages ahead (from the disk when they are not cached,
-        while earlier tensors are measured). None where it is not a safetensors tensor of at
-        least ``MAPPED_MIN`` bytes, or off POSIX."""
+        (``wda.analysis.kernels.row_dots_read``): the file opened (or its descriptor in
+        ``files`` duplicated), its size checked and the kernel asked to read the tensor's
+        pages ahead (from the disk when they are not cached, while earlier tensors are
+        measured). None where it is not a safetensors tensor of at least ``MAPPED_MIN``
+        bytes, or off POSIX."""
         if self._sd is not None or not hasattr(os, "posix_fadvise") or self._nbytes(name) < max(MAPPED_MIN, 1):
             return None
         stored, shape, start, end = self._entries[name]
         dtype = self._torch_dtype(name, stored)
-        fd = self._opened()
+        fd = files.dup(self) if files is not None else self._opened()
         try:
             if not _cached(fd, start, end):
                 os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
@@ -421,19 +422,64 @@ def _cached_pages(fd: int, start: int, end: int) -> int | None:
 
 
 def _cached(fd: int, start: int, end: int) -> bool:
-    """Whether ``[start, end)`` is in the page cache. Asking for it to be read ahead anyway
-    costs ~17 µs a 768² matrix even when every page is cached (the kernel measures one in ~130
-    µs). The count of ``cachestat`` where the kernel has it; elsewhere whether the first and last
-    bytes can be read without waiting (``RWF_NOWAIT``), taken as the whole range being there (a
-    cold file is read in order; such a read may itself start reading those bytes in). False
-    where neither is available."""
-    pages = _cached_pages(fd, start, end)
-    if pages is not None:
-        return pages >= (end - 1) // mmap.PAGESIZE - start // mmap.PAGESIZE + 1
+    """Whether ``[start, end)`` is in the page cache, judged by its first and last pages (a
+    cold file is read in order; a range cached at both ends but not between is read by the
+    kernel's own ``pread``, only slower). Asking for it to be read ahead anyway costs ~20 µs a
+    768² matrix even when every page is cached, and counting all its pages ~14 µs (the kernel
+    measures one in ~100 µs); two one-page counts ~6 µs. ``cachestat`` where the kernel has it;
+    elsewhere whether those bytes can be read without waiting (``RWF_NOWAIT``; such a read
+    may itself start reading them in). False where neither is available."""
+    last = (end - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+    first = _cached_pages(fd, start, start + 1)
+    if first is not None:
+        return first == 1 and (last < start + mmap.PAGESIZE or _cached_pages(fd, last, last + 1) == 1)
     try:
         return all(os.preadv(fd, [_PROBE], at, os.RWF_NOWAIT) == 1 for at in (start, end - 1))
     except (OSError, AttributeError):  # not cached (EAGAIN), or no such read here
         return False
+
+
+class OpenFiles:
+    """Descriptors of safetensors files kept open while tensor after tensor is read from them
+    (``TensorFile.stored``): each file is opened and its size checked once, then each tensor
+    gets a duplicate of its descriptor (~1 µs against ~5 µs to open it again), which it owns.
+    At most ``limit`` files at a time (least recently used out; default: a quarter of the
+    process's limit on open files, at most 256); ``close()`` (or ``with``) closes them all.
+    One thread at a time."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = max(1, limit if limit is not None else _fd_budget())
+        self._fds: dict[Path, int] = {}  # in order of use, the most recent last
+
+    def dup(self, tf: TensorFile) -> int:
+        fd = self._fds.pop(tf.path, None)
+        if fd is None:
+            fd = tf._opened()
+            while len(self._fds) >= self.limit:
+                os.close(self._fds.pop(next(iter(self._fds))))
+        self._fds[tf.path] = fd
+        return os.dup(fd)
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __enter__(self) -> OpenFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _fd_budget() -> int:
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 64
+    return 256 if soft == resource.RLIM_INFINITY else max(4, min(256, soft // 4))
 
 
 class StoredTensor:
