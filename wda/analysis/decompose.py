@@ -340,7 +340,7 @@ class BaseWeight:
         ``magnitude`` are DoRA magnitudes (default: all of them, when it is given)."""
         if not self._kernels:
             return None if every else [None] * ud.shape[0]
-        sums = kernels.closed_sums(ud, dd2, self.n0, ok, _ALONG, magnitude, with_magnitude)
+        sums = kernels.closed_sums(ud, dd2, self.n0, ok, _ALONG, magnitude, with_magnitude).tolist()
         out = [_from_sums(ud.shape[1], s[0], s[1:9]) if s[9] == 0 and s[10] == 0 else None for s in sums]
         return None if every and any(m is None for m in out) else out
 

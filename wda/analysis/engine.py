@@ -538,8 +538,14 @@ def _drop_broken(layout: Layout, broken: dict[str, str]) -> None:
 def _row(item: _Item, meas, axis: str) -> dict:
     m = item.module
     return {"run": item.run.name, "method": item.run.method, "step": item.step, "module": m.name,
-            "layer": m.layer, "matrix": m.matrix, **{f: getattr(meas, f) for f in MEASUREMENT_FIELDS},
-            "axis": axis, "stack": m.stack, **_logged(item), "_path": item.key}
+            "layer": m.layer, "matrix": m.matrix, **_fields(meas), "axis": axis, "stack": m.stack,
+            **_logged(item), "_path": item.key}
+
+
+def _fields(meas) -> dict:
+    """The ``MEASUREMENT_FIELDS`` of ``meas`` (a ``Measurement``: its own dict, in field order)."""
+    d = getattr(meas, "__dict__", None)
+    return d if d is not None and len(d) == len(MEASUREMENT_FIELDS) else {f: getattr(meas, f) for f in MEASUREMENT_FIELDS}
 
 
 def _logged(item: _Item) -> dict[str, float | None]:
@@ -558,7 +564,8 @@ def _table(rows: list[dict]) -> pd.DataFrame:
     values last. Sorted and assembled column by column in Python: for the few hundred rows of
     a small model pandas' own construction and sort were a tenth of the whole analysis."""
     try:
-        rows = sorted(rows, key=_sort_key)
+        prefixes: dict[tuple, tuple] = {}  # the key's part shared by every step of a (run, module)
+        rows = sorted(rows, key=lambda r: _sort_key(r, prefixes))
     except TypeError:  # keys of mixed kinds in one column (tracker rows read back): pandas sorts
         return _table_pandas(rows)
     cols = {c: [r[c] for r in rows] for c in METRIC_COLUMNS}
@@ -567,9 +574,15 @@ def _table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(cols, columns=METRIC_COLUMNS)
 
 
-def _sort_key(row: dict) -> tuple:
-    return (_METHOD_ORDER.get(row["method"], len(_METHOD_ORDER)), _last(row["run"]), _last(row["matrix"]),
-            _last(row["stack"]), _last(row["layer"]), _last(row["module"]), _last(row["step"]))
+def _sort_key(row: dict, prefixes: dict[tuple, tuple]) -> tuple:
+    at = (row["method"], row["run"], row["matrix"], row["stack"], row["layer"], row["module"])
+    try:
+        prefix = prefixes[at]
+    except KeyError:
+        prefix = prefixes[at] = (_METHOD_ORDER.get(at[0], len(_METHOD_ORDER)), *map(_last, at[1:]))
+    except TypeError:  # a value that cannot be a key (none of ours): the key made in full
+        prefix = (_METHOD_ORDER.get(at[0], len(_METHOD_ORDER)), *map(_last, at[1:]))
+    return (*prefix, _last(row["step"]))
 
 
 def _last(v) -> tuple:

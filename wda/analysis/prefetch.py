@@ -34,7 +34,8 @@ def prefetched(items: Sequence[T], read: Callable[[T], object], depth: int,
     """Yield ``(item, read(item))`` in order, reading ahead in a thread. Large items (``size``:
     their bytes, > 0) are read ahead while fewer than ``depth`` are waiting, and beyond that
     (up to ``LARGE_AHEAD_MAX``) while the bytes waiting stay within ``budget``; small ones
-    (size 0) up to ``ADAPTERS_AHEAD``. A ``WdaError`` raised by ``read`` is yielded in place of
+    (size 0) up to ``ADAPTERS_AHEAD``; a reader that had to stop for room starts again once
+    half of it is free. A ``WdaError`` raised by ``read`` is yielded in place of
     the data (the caller decides whether to skip); any other exception is re-raised in the
     caller's thread, so a bug stays a bug."""
     if depth <= 0:
@@ -48,11 +49,18 @@ def prefetched(items: Sequence[T], read: Callable[[T], object], depth: int,
     stop = threading.Event()
     room = threading.Condition()
     waiting = [0, 0, 0]  # large items, their bytes, small items: read (or being read), not yet taken
+    blocked: list[int | None] = [None]  # the size of the item the reader waits to have room for
 
-    def fits(n: int) -> bool:
+    def fits(n: int, half: bool = False) -> bool:
+        """Room for an item of ``n`` bytes; with ``half``, while no more than half the limits
+        are used (a reader that had to stop starts again only then, and reads a burst: one
+        wake-up, and one hand-over of the GIL, per half-full queue instead of per item)."""
         if n == 0:
-            return waiting[2] < ADAPTERS_AHEAD
-        return waiting[0] < depth or (waiting[0] < LARGE_AHEAD_MAX and waiting[1] + n <= budget)
+            return waiting[2] < (ADAPTERS_AHEAD // 2 if half else ADAPTERS_AHEAD)
+        if waiting[0] < (max(1, depth // 2) if half else depth):
+            return True
+        cap, room_ = (LARGE_AHEAD_MAX // 2, budget // 2) if half else (LARGE_AHEAD_MAX, budget)
+        return waiting[0] < cap and waiting[1] + n <= room_
 
     def count(n: int, sign: int) -> None:
         if n:
@@ -65,10 +73,13 @@ def prefetched(items: Sequence[T], read: Callable[[T], object], depth: int,
         for it in items:
             n = size(it)
             with room:
-                while not fits(n):
-                    if stop.is_set():
-                        return
-                    room.wait(0.05)
+                if not fits(n):
+                    blocked[0] = n
+                    while not fits(n, half=True):
+                        if stop.is_set():
+                            return
+                        room.wait(0.05)
+                    blocked[0] = None
                 count(n, 1)
             if stop.is_set():
                 return
@@ -87,7 +98,8 @@ def prefetched(items: Sequence[T], read: Callable[[T], object], depth: int,
             it, data = q.get()
             with room:
                 count(size(it), -1)
-                room.notify()
+                if blocked[0] is not None and fits(blocked[0], half=True):
+                    room.notify()
             if isinstance(data, _Crash):
                 raise data.exc
             yield it, data
