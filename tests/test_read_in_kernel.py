@@ -277,3 +277,17 @@ def test_each_checkpoint_file_is_opened_once_per_analysis(tmp_path, monkeypatch)
     assert len([p for p in opened if "checkpoint-" in str(p)]) == 3 * 4
     cols = ["run", "step", "module", "delta_m", "delta_d", "n_vectors", "n_excluded"]
     assert df[cols].equals(again[cols])
+
+
+def test_no_descriptor_to_spare_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    _run(tmp_path, torch.float32, steps=(1,))
+
+    def no_room(fd):
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(os, "dup", no_room)
+    with pytest.raises(WdaError) as e:
+        wda.analyze(tmp_path, progress=False)
+    assert "checkpoint-1" in str(e.value) and "ulimit" in str(e.value)

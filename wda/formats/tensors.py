@@ -429,10 +429,10 @@ def _cached(fd: int, start: int, end: int) -> bool:
     measures one in ~100 µs); two one-page counts ~6 µs. ``cachestat`` where the kernel has it;
     elsewhere whether those bytes can be read without waiting (``RWF_NOWAIT``; such a read
     may itself start reading them in). False where neither is available."""
-    last = (end - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+    last = (end - 1) // mmap.PAGESIZE * mmap.PAGESIZE  # where the last page starts
     first = _cached_pages(fd, start, start + 1)
     if first is not None:
-        return first == 1 and (last < start + mmap.PAGESIZE or _cached_pages(fd, last, last + 1) == 1)
+        return first == 1 and (last <= start or _cached_pages(fd, last, last + 1) == 1)
     try:
         return all(os.preadv(fd, [_PROBE], at, os.RWF_NOWAIT) == 1 for at in (start, end - 1))
     except (OSError, AttributeError):  # not cached (EAGAIN), or no such read here
@@ -444,7 +444,7 @@ class OpenFiles:
     (``TensorFile.stored``): each file is opened and its size checked once, then each tensor
     gets a duplicate of its descriptor (~1 µs against ~5 µs to open it again), which it owns.
     At most ``limit`` files at a time (least recently used out; default: a quarter of the
-    process's limit on open files, at most 256); ``close()`` (or ``with``) closes them all.
+    process's limit on open files, at most 256); ``close()`` closes them all.
     One thread at a time."""
 
     def __init__(self, limit: int | None = None) -> None:
@@ -458,18 +458,16 @@ class OpenFiles:
             while len(self._fds) >= self.limit:
                 os.close(self._fds.pop(next(iter(self._fds))))
         self._fds[tf.path] = fd
-        return os.dup(fd)
+        try:
+            return os.dup(fd)
+        except OSError as exc:  # EMFILE: the process's other descriptors took the room
+            raise WdaError(tf.path, f"cannot be opened once more ({short(exc)})",
+                           "raise the limit on open files (ulimit -n)") from None
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             os.close(fd)
-
-    def __enter__(self) -> OpenFiles:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _fd_budget() -> int:
