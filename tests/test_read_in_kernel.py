@@ -200,7 +200,9 @@ def _resident(path: Path, *offsets: int) -> list[bool]:
             del anchor
 
 
-def test_pages_are_asked_for_ahead_only_when_they_are_not_cached(tmp_path, monkeypatch):
+def _watched_file(tmp_path, monkeypatch):
+    """A 1 MB tensor in a file whose pages are all cached, and the read-ahead advice asked
+    for it from now on: (path, TensorFile, start, end, asked, the real posix_fadvise)."""
     p = tmp_path / "model.safetensors"
     save_file({"w": torch.randn(512, 512)}, str(p))
     tf = TensorFile(p)
@@ -209,6 +211,11 @@ def test_pages_are_asked_for_ahead_only_when_they_are_not_cached(tmp_path, monke
     real = os.posix_fadvise
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: (asked.append(advice), real(fd, off, n, advice)))
     p.read_bytes()  # every page cached
+    return p, tf, start, end, asked, real
+
+
+def test_pages_are_asked_for_ahead_only_when_they_are_not_cached(tmp_path, monkeypatch):
+    p, tf, start, end, asked, real = _watched_file(tmp_path, monkeypatch)
     assert all(_resident(p, start, end - 1))
     tf.stored("w").close()
     assert asked == []
@@ -234,14 +241,7 @@ def test_pages_are_asked_for_ahead_only_when_they_are_not_cached(tmp_path, monke
 def test_a_tensor_whose_tail_is_not_cached_is_read_ahead(tmp_path, monkeypatch):
     """The page-cache check looks at a tensor's first and last pages: a cold tail (a file read
     in part) is asked for too."""
-    p = tmp_path / "model.safetensors"
-    save_file({"w": torch.randn(512, 512)}, str(p))
-    tf = TensorFile(p)
-    start, end = tf._entries["w"][2:]
-    asked = []
-    real = os.posix_fadvise
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: (asked.append(advice), real(fd, off, n, advice)))
-    p.read_bytes()
+    p, tf, start, end, asked, real = _watched_file(tmp_path, monkeypatch)
     fd = os.open(p, os.O_RDONLY)
     try:
         os.fsync(fd)
