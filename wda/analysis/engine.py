@@ -538,14 +538,8 @@ def _drop_broken(layout: Layout, broken: dict[str, str]) -> None:
 def _row(item: _Item, meas, axis: str) -> dict:
     m = item.module
     return {"run": item.run.name, "method": item.run.method, "step": item.step, "module": m.name,
-            "layer": m.layer, "matrix": m.matrix, **_fields(meas), "axis": axis, "stack": m.stack,
-            **_logged(item), "_path": item.key}
-
-
-def _fields(meas) -> dict:
-    """The ``MEASUREMENT_FIELDS`` of ``meas`` (a ``Measurement``: its own dict, in field order)."""
-    d = getattr(meas, "__dict__", None)
-    return d if d is not None and len(d) == len(MEASUREMENT_FIELDS) else {f: getattr(meas, f) for f in MEASUREMENT_FIELDS}
+            "layer": m.layer, "matrix": m.matrix, **vars(meas), "axis": axis, "stack": m.stack,
+            **_logged(item), "_path": item.key}  # vars: the Measurement's fields (the table takes METRIC_COLUMNS)
 
 
 def _logged(item: _Item) -> dict[str, float | None]:
@@ -577,12 +571,17 @@ def _table(rows: list[dict]) -> pd.DataFrame:
 def _sort_key(row: dict, prefixes: dict[tuple, tuple]) -> tuple:
     at = (row["method"], row["run"], row["matrix"], row["stack"], row["layer"], row["module"])
     try:
-        prefix = prefixes[at]
-    except KeyError:
-        prefix = prefixes[at] = (_METHOD_ORDER.get(at[0], len(_METHOD_ORDER)), *map(_last, at[1:]))
-    except TypeError:  # a value that cannot be a key (none of ours): the key made in full
-        prefix = (_METHOD_ORDER.get(at[0], len(_METHOD_ORDER)), *map(_last, at[1:]))
+        prefix = prefixes.get(at)
+        if prefix is None:
+            prefix = prefixes[at] = _key_prefix(at)
+    except TypeError:  # a value that cannot be a dict key (none of ours): the key made in full
+        prefix = _key_prefix(at)
     return (*prefix, _last(row["step"]))
+
+
+def _key_prefix(at: tuple) -> tuple:
+    """The sort key of (method, run, matrix, stack, layer, module)."""
+    return (_METHOD_ORDER.get(at[0], len(_METHOD_ORDER)), *map(_last, at[1:]))
 
 
 def _last(v) -> tuple:

@@ -55,12 +55,11 @@ def prefetched(items: Sequence[T], read: Callable[[T], object], depth: int,
         """Room for an item of ``n`` bytes; with ``half``, while no more than half the limits
         are used (a reader that had to stop starts again only then, and reads a burst: one
         wake-up, and one hand-over of the GIL, per half-full queue instead of per item)."""
+        share = 2 if half else 1
         if n == 0:
-            return waiting[2] < (ADAPTERS_AHEAD // 2 if half else ADAPTERS_AHEAD)
-        if waiting[0] < (max(1, depth // 2) if half else depth):
-            return True
-        cap, room_ = (LARGE_AHEAD_MAX // 2, budget // 2) if half else (LARGE_AHEAD_MAX, budget)
-        return waiting[0] < cap and waiting[1] + n <= room_
+            return waiting[2] < ADAPTERS_AHEAD // share
+        return waiting[0] < max(1, depth // share) or (
+            waiting[0] < LARGE_AHEAD_MAX // share and waiting[1] + n <= budget // share)
 
     def count(n: int, sign: int) -> None:
         if n:
