@@ -292,7 +292,7 @@ def test_closed_sums_with_a_magnitude_equal_the_per_vector_dora_path():
               "delta_m_radial", "delta_m_tangential"):
         assert getattr(fast, f) == pytest.approx(getattr(slow, f), rel=1e-12, abs=1e-15), f
     bv, av = base._factors(a, b)
-    ud, dd2, ok = (t[0] for t in base._lowrank_sums([(bv, av)], [0.5], base._project(av), av))
+    ud, dd2, ok = (t[0] for t in base._lowrank_sums(bv, av, [0, av.shape[0]], [0.5], base._project(av)))
     bad = m.clone()
     bad[5] = math.nan
     assert kernels.closed_sums(ud[None], dd2[None], base.n0, ok[None], 0.5, bad[None])[0, 10] == 1

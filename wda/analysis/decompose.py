@@ -11,6 +11,7 @@ Conventions (DESIGN.md, "The axis"):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -375,21 +376,25 @@ class BaseWeight:
         summed = [k for k, (_, _, _, m) in enumerate(adapters)
                   if m is None or (self.dim == 1 and m.numel() == self.n0.numel())]
         if summed:
-            facs = [self._factors(*adapters[k][:2]) for k in summed]
-            a = _side_by_side([av for _, av in facs], 0)  # (Σr, n)
+            stored = [self._factors(*adapters[k][:2], convert=False) for k in summed]
+            # each side put together in its stored dtype, then converted once (not per adapter)
+            a = _side_by_side([av for _, av in stored], 0).to(self.dtype)  # (Σr, n)
+            b = _side_by_side([bv for bv, _ in stored], 1).to(self.dtype)  # (vectors, Σr)
+            offs = np.cumsum([0] + [av.shape[0] for _, av in stored])
             if projected is None:
                 p = self._project(a)
             else:
                 p = _side_by_side([projected[k] for k in summed], 1)
-            ud, dd2, ok = self._lowrank_sums(facs, [adapters[k][2] for k in summed], p, a)
+            ud, dd2, ok = self._lowrank_sums(b, a, offs, [adapters[k][2] for k in summed], p)
             mags = [adapters[k][3] for k in summed]
             with_m = [m is not None for m in mags]
-            m = torch.stack([self.n0 if v is None else v.reshape(-1).to(self.dtype) for v in mags]) \
+            m = torch.stack([self.n0 if v is None else v.reshape(-1) for v in mags]).to(self.dtype) \
                 if any(with_m) else None
             fast = self._fast_sums(ud, dd2, ok, m, every=False, with_magnitude=with_m)
             for j, k in enumerate(summed):
                 out[k] = fast[j] if fast[j] is not None else summarize(
-                    self._lowrank_changes(ud[j], dd2[j], ok[j], *facs[j], adapters[k][2], mags[j]))
+                    self._lowrank_changes(ud[j], dd2[j], ok[j], b[:, offs[j]:offs[j + 1]], a[offs[j]:offs[j + 1]],
+                                          adapters[k][2], mags[j]))
         for k, (a, b, s, m) in enumerate(adapters):
             if out[k] is None:  # DoRA on axis "in" (Eq. 5 rescales output rows): merged densely
                 out[k] = summarize(self.changes_lowrank(a, b, s, m))
@@ -455,7 +460,7 @@ class BaseWeight:
             v = torch.addmm(w0, b.to(self.dtype), a.to(self.dtype), alpha=scaling, out=self._merged)
             return self.changes(v.mul_(_rescale(magnitude, torch.linalg.vector_norm(v, dim=1)).unsqueeze(1)))
         bv, av = self._factors(a, b)
-        ud, dd2, ok = self._lowrank_sums([(bv, av)], [scaling], self._project(av), av)
+        ud, dd2, ok = self._lowrank_sums(bv, av, [0, av.shape[0]], [scaling], self._project(av))
         return self._lowrank_changes(ud[0], dd2[0], ok[0], bv, av, scaling, magnitude)
 
     def _with_magnitude(self, ch: VectorChanges, magnitude: torch.Tensor | None) -> VectorChanges:
@@ -468,24 +473,21 @@ class BaseWeight:
         dd = torch.where(m < 0, 2.0 - ch.dd, ch.dd)
         return VectorChanges(m0=self.n0, dm=m.abs() - self.n0, dd=torch.where(valid, dd, 0.0), valid=valid)
 
-    def _lowrank_sums(self, facs: list[tuple[torch.Tensor, torch.Tensor]], scalings: list[float],
-                      p: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _lowrank_sums(self, b: torch.Tensor, a: torch.Tensor, offs: Sequence[int], scalings: list[float],
+                      p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(u·δ, |δ|², where those sums are exact enough), each (K, vectors), of the K adapters
-        W_0 + s_k·bv_k·av_k given as ``facs`` (bv, av), with a = [av_1; …; av_K] and p = W_0 aᵀ
-        (``_project``)."""
+        W_0 + s_k·bv_k·av_k with b = [bv_1 … bv_K] (vectors, Σr), a = [av_1; …; av_K] (Σr, n),
+        adapter k owning columns (rows) ``offs[k]:offs[k+1]`` of b (a), and p = W_0 aᵀ
+        (``_project``); all in the compute dtype."""
         rows = self.n0.shape[0]
-        ud = torch.empty(len(facs), rows, dtype=self.dtype, device=self.n0.device)
+        ud = torch.empty(len(scalings), rows, dtype=self.dtype, device=self.n0.device)
         dd2 = torch.empty_like(ud)
         ok = torch.empty(ud.shape, dtype=torch.bool, device=self.n0.device)
         if self._kernels:  # the three row sums of every adapter in one pass
-            offs = np.cumsum([0] + [av.shape[0] for _, av in facs])
-            kernels.lowrank_sums(_side_by_side([bv for bv, _ in facs], 1), p, a.contiguous(), offs, scalings, _GRAM,
-                                 ud, dd2, ok)
+            kernels.lowrank_sums(b.contiguous(), p, a.contiguous(), offs, scalings, _GRAM, ud, dd2, ok)
             return ud, dd2, ok
-        o = 0
-        for k, ((bv, av), s) in enumerate(zip(facs, scalings)):
-            pk = p[:, o:o + av.shape[0]]
-            o += av.shape[0]
+        for k, s in enumerate(scalings):
+            bv, av, pk = b[:, offs[k]:offs[k + 1]], a[offs[k]:offs[k + 1]], p[:, offs[k]:offs[k + 1]]
             g = av @ av.t()  # (r, r) Gram matrix
             ud[k] = s * (bv * pk).sum(dim=1)  # u·δ
             dd2[k] = (s * s) * ((bv @ g) * bv).sum(dim=1)  # |δ|²
@@ -504,14 +506,16 @@ class BaseWeight:
             return _changes(uu, uu + delta, delta, 1)
         return self._with_magnitude(self._finish(ud, dd2, dense, ok), magnitude)
 
-    def _factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bv, av) with the update per vector δ = s · bv @ av, in the compute dtype."""
+    def _factors(self, a: torch.Tensor, b: torch.Tensor, convert: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bv, av) with the update per vector δ = s · bv @ av, in the compute dtype (``convert``
+        False: in the stored dtype, for the caller to convert once for many adapters)."""
         out_f, in_f = self.shape
         r = a.shape[0]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or tuple(b.shape) != (out_f, r):
             raise ValueError(f"lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
                              f"the base (out={out_f}, in={in_f})")
-        a, b = a.to(self.dtype), b.to(self.dtype)
+        if convert:
+            a, b = a.to(self.dtype), b.to(self.dtype)
         return (b, a) if self.dim == 1 else (a.t(), b.t())  # axis "in": δᵀ = s · Aᵀ Bᵀ
 
     def measure_rescaled(self, magnitude: torch.Tensor) -> Measurement:

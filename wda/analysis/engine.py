@@ -360,12 +360,14 @@ def _prepare_base(item: _Item, data: _Loaded, dev: torch.device, dtype: torch.dt
         raise WdaError(data.source, f"non-finite values (NaN/Inf) in base module {item.module.name!r}") from None
 
 
-def _adapter_tensors(data: _Loaded, dev: torch.device, dtype: torch.dtype,
-                     module: ModuleInfo, whole: bool = True) -> dict[str, torch.Tensor]:
-    """``whole``: an adapter of a fused module's part is on the whole fused module (its part's
-    rows are selected); False: on the part alone (its B and magnitude hold those rows only)."""
+def _adapter_tensors(data: _Loaded, dev: torch.device, module: ModuleInfo,
+                     whole: bool = True) -> dict[str, torch.Tensor]:
+    """The adapter's tensors on ``dev``, in their stored dtype (the measuring code converts
+    them, the factors of many adapters at once). ``whole``: an adapter of a fused module's part
+    is on the whole fused module (its part's rows are selected); False: on the part alone (its
+    B and magnitude hold those rows only)."""
     rows = _part_rows if whole else (lambda t, m: t)
-    t = {k: v.to(dtype) for k, v in _on_device(data, dev).items()}
+    t = dict(_on_device(data, dev))
     if "m" in t:
         t["m"] = rows(t["m"].reshape(-1), module)  # (out,)
     if "m_in" in t:
@@ -444,7 +446,7 @@ class _Measurer:
         if not pending:
             return
         base = self.base
-        tensors = [_adapter_tensors(d, self.dev, self.dtype, it.module, it.module.part is None
+        tensors = [_adapter_tensors(d, self.dev, it.module, it.module.part is None
                                     or it.run.adapts_fused(it.module)) for it, d in pending]
         # the ones measured from their factors share one pass over W_0 and one kernel call
         low = [i for i, t in enumerate(tensors)
@@ -461,8 +463,8 @@ class _Measurer:
             elif "a" not in t:  # magnitude only (paper Table 6): W' = m · W_0 / ||W_0||
                 self._record(item, data, lambda t=t: base.measure_rescaled(t["m"]))
             elif "m_in" in t:  # magnitudes per input channel: merged densely (one matrix)
-                self._record(item, data, lambda t=t, s=s: base.measure(
-                    merge_dora_input_axis(self.w0.to(self.dtype), t["a"], t["b"], s, t["m_in"])))
+                self._record(item, data, lambda t=t, s=s, c=self.dtype: base.measure(merge_dora_input_axis(
+                    self.w0.to(c), t["a"].to(c), t["b"].to(c), s, t["m_in"].to(c))))
             else:
                 self._record(item, data, lambda t=t, s=s: base.measure_lowrank(t["a"], t["b"], s, t.get("m")))
 

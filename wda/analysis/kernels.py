@@ -168,21 +168,31 @@ def lowrank_sums(b: torch.Tensor, p: torch.Tensor, a: torch.Tensor, offsets: Seq
     """The sums of K adapters of one matrix from their small factors, δ_kn = s_k·bv_kn·av_k
     per vector n: adapter k owns columns ``offsets[k]:offsets[k+1]`` of b = [bv_1 … bv_K]
     (vectors, Σr) and of p = W_0 aᵀ (``BaseWeight.project``), and those rows of
-    a = [av_1; …; av_K] (Σr, n). Its Gram matrix g_k = av_k av_kᵀ is
-    made here, then ud[k, n] = u_n·δ_kn = s_k·bv_kn·p_kn, dd2[k, n] = |δ_kn|² =
-    s_k²·bv_kn g_k bv_knᵀ, and ok[k, n] = False where that sum cancels to less than ``cancel``
-    times the sum of its absolute terms (the row is then recomputed densely). Contiguous CPU
-    tensors in the compute dtype, ``ok`` bool; ud, dd2, ok (K, vectors)."""
+    a = [av_1; …; av_K] (Σr, n). Its Gram matrix g_k = av_k av_kᵀ is made here, then
+    ud[k, n] = u_n·δ_kn = s_k·bv_kn·p_kn, dd2[k, n] = |δ_kn|² = s_k²·bv_kn g_k bv_knᵀ, and
+    ok[k, n] = False where that sum cancels to less than ``cancel`` times the sum of its
+    absolute terms, |bv_kn| |g_k| |bv_kn|ᵀ (the row is then recomputed densely). The products
+    bv_k g_k and |bv_k| |g_k| of all adapters are two batched GEMMs (torch's ``bmm``, ranks
+    below the largest padded with zeros), the row sums one kernel call. Contiguous CPU tensors
+    in the compute dtype, ``ok`` bool; ud, dd2, ok (K, vectors)."""
     rows = b.shape[0]
-    bt = b.t().contiguous()  # (Σr, vectors): the Gram form runs along the vectors
     offs = np.asarray(offsets, np.int64)
     ranks = np.diff(offs)
-    rmax = int(ranks.max(initial=0))
-    g = np.empty((len(ranks), rmax, rmax), ud.numpy().dtype)
+    k_, rmax = len(ranks), int(ranks.max(initial=0))
+    g = np.zeros((k_, rmax, rmax), ud.numpy().dtype)  # zeros: a lower rank's padding adds nothing
     pairs = int((ranks * (ranks + 1) // 2).sum())
-    _launch(_grams, _grams_parallel, len(ranks), pairs * a.shape[1], a.numpy(), offs, g)
-    _launch(_lowrank_rows, _lowrank_rows_parallel, rows, rows * pairs, b.numpy(), bt.numpy(), p.numpy(), g, offs,
-            np.asarray(scalings, np.float64), cancel, ud.numpy(), dd2.numpy(), ok.numpy())
+    _launch(_grams, _grams_parallel, k_, pairs * a.shape[1], a.numpy(), offs, g)
+    if (ranks == rmax).all():  # (K, vectors, r): a view of b
+        b3 = b.view(rows, k_, rmax).transpose(0, 1)
+    else:
+        b3 = b.new_zeros(k_, rows, rmax)
+        for k, (o, r) in enumerate(zip(offs[:-1], ranks)):
+            b3[k, :, :r] = b[:, o:o + r]
+    gt = torch.from_numpy(g)
+    bg, bg_abs = torch.bmm(b3, gt), torch.bmm(b3.abs(), gt.abs())  # (K, vectors, rmax)
+    _launch(_lowrank_rows, _lowrank_rows_parallel, rows, rows * int(offs[-1]), b.numpy(), p.numpy(),
+            bg.numpy(), bg_abs.numpy(), offs, np.asarray(scalings, np.float64), cancel,
+            ud.numpy(), dd2.numpy(), ok.numpy())
 
 
 def closed_form(ud: torch.Tensor, dd2: torch.Tensor, n0: torch.Tensor, ok: torch.Tensor | None,
@@ -470,51 +480,36 @@ if numba is not None:
             _grams(a, offs, g, n * c // chunks, n * (c + 1) // chunks)
 
     @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
-    def _lowrank_rows(b, bt, p, g, offs, scal, cancel, ud, dd2, ok, r0, r1):
-        """Rows r0:r1 of every adapter (see ``lowrank_sums``; ``bt`` is ``b`` transposed, both
-        contiguous). bv_n·p_n runs along each row of b and p; bv_n g bv_nᵀ is summed over the
-        pairs j <= l of g's entries, each pass running along the rows (contiguous in bt:
-        vectorised), with its absolute twin beside it. (Indices are kept to range variables
-        over slices: an index like r0 + i may be negative for numba, and the wraparound
-        check it then adds stops LLVM from vectorising: 3x slower.)"""
+    def _lowrank_rows(b, p, bg, bg_abs, offs, scal, cancel, ud, dd2, ok, r0, r1):
+        """Rows r0:r1 of every adapter (see ``lowrank_sums``): per row n and adapter k, the
+        three sums over its r columns bv_kn·p_kn, bv_kn·(bv_k g_k)_n and |bv_kn|·(|bv_k| |g_k|)_n."""
         zero = np.zeros(1, ud.dtype)[0]
-        n = r1 - r0
-        K = len(offs) - 1
-        for i in range(n):  # bv_n·p_n
-            bi = b[r0 + i]
-            pi = p[r0 + i]
-            for k in range(K):
-                s1 = zero
-                for c in range(offs[k], offs[k + 1]):
-                    s1 += bi[c] * pi[c]
-                ud[k, r0 + i] = scal[k] * s1
-        s2 = np.empty(n, ud.dtype)  # bv_n g bv_nᵀ
-        s3 = np.empty(n, ud.dtype)  # the same with absolute values: the size of its terms
-        for k in range(K):
+        for k in range(len(offs) - 1):
             o = offs[k]
             r = offs[k + 1] - o
-            s2[:] = zero
-            s3[:] = zero
-            for j in range(r):
-                x = bt[o + j, r0:r1]  # (row, slice) of a C array: contiguous for numba
-                for l in range(j, r):
-                    c = g[k, j, l] if l == j else g[k, j, l] + g[k, j, l]  # (2 * g: a float64)
-                    ca = abs(c)
-                    y = bt[o + l, r0:r1]
-                    for i in range(n):
-                        xy = x[i] * y[i]
-                        s2[i] += c * xy
-                        s3[i] += ca * abs(xy)
             s = scal[k]
-            for i in range(n):
-                dd2[k, r0 + i] = (s * s) * s2[i]
-                ok[k, r0 + i] = s2[i] >= cancel * s3[i]
+            for i in range(r0, r1):
+                bk = b[i, o:o + r]
+                pk = p[i, o:o + r]
+                yk = bg[k, i, :r]
+                ak = bg_abs[k, i, :r]
+                s1 = zero
+                s2 = zero
+                s3 = zero
+                for c in range(r):
+                    x = bk[c]
+                    s1 += x * pk[c]
+                    s2 += x * yk[c]
+                    s3 += abs(x) * ak[c]
+                ud[k, i] = s * s1
+                dd2[k, i] = (s * s) * s2
+                ok[k, i] = s2 >= cancel * s3
 
     @numba.njit(nogil=True, cache=True, parallel=True)
-    def _lowrank_rows_parallel(b, bt, p, g, offs, scal, cancel, ud, dd2, ok, chunks):
+    def _lowrank_rows_parallel(b, p, bg, bg_abs, offs, scal, cancel, ud, dd2, ok, chunks):
         rows = b.shape[0]
         for c in numba.prange(chunks):
-            _lowrank_rows(b, bt, p, g, offs, scal, cancel, ud, dd2, ok,
+            _lowrank_rows(b, p, bg, bg_abs, offs, scal, cancel, ud, dd2, ok,
                           rows * c // chunks, rows * (c + 1) // chunks)
 
     @numba.njit(nogil=True, cache=True, fastmath=_FASTMATH)
