@@ -279,6 +279,29 @@ def test_each_checkpoint_file_is_opened_once_per_analysis(tmp_path, monkeypatch)
     assert df[cols].equals(again[cols])
 
 
+def test_each_adapter_file_is_opened_once_per_analysis(tmp_path, monkeypatch):
+    """The factors of every adapted matrix of a checkpoint come from one descriptor kept for
+    the analysis: one open per adapter file, not one per matrix; the table is the same when
+    every matrix opens its file again (room for one file, two runs alternating)."""
+    from builders import qv_runs
+
+    qv_runs(tmp_path)
+    opened = []
+    real = TensorFile._opened
+    monkeypatch.setattr(TensorFile, "_opened", lambda self: (opened.append(self.path), real(self))[1])
+    df = wda.analyze(tmp_path, runs=["lora", "dora"], progress=False)
+    adapters = [p for p in opened if p.name == "adapter_model.safetensors"]
+    assert len(adapters) == 4 and sorted(adapters) == sorted(set(adapters))  # 2 runs x 2 steps, 4 matrices each
+    import wda.formats.tensors as tensors
+
+    monkeypatch.setattr(tensors, "_fd_budget", lambda: 1)
+    opened.clear()
+    again = wda.analyze(tmp_path, runs=["lora", "dora"], progress=False)
+    assert len([p for p in opened if p.name == "adapter_model.safetensors"]) > 4
+    cols = ["run", "step", "module", "delta_m", "delta_d", "n_vectors", "n_excluded"]
+    assert len(df) == 2 * 2 * 4 and df[cols].equals(again[cols])
+
+
 def test_no_descriptor_to_spare_is_one_error_naming_the_file(tmp_path, monkeypatch):
     import errno
 

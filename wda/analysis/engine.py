@@ -269,7 +269,7 @@ def _read_item(item: _Item, cache: HandleCache, alloc, mapped: bool, in_file: bo
         return _Loaded({"w": w}, None, ck.weights[name].file, mapped=ck.holds_data)
     # an adapter's own module name: prefixes may differ from the base's by a wrapper
     info = ck.adapters[item.run.adapter_names[item.module.name]]
-    tensors = ck.read_adapter(item.run.adapter_names[item.module.name], alloc)
+    tensors = ck.read_adapter(item.run.adapter_names[item.module.name], alloc, files)
     if info.magnitude_axis == "in" and "m" in tensors:
         tensors["m_in"] = tensors.pop("m")  # one magnitude per input channel
     return _Loaded(tensors, info.scaling, info.file, mapped=ck.holds_data)

@@ -123,11 +123,13 @@ class Checkpoint:
         tf = self._tensors.get(info.key) if info is not None else None
         return tf.stored(info.key, files) if tf is not None else None
 
-    def read_adapter(self, module: str, alloc: Alloc | None = None) -> dict[str, torch.Tensor]:
-        """The factors of ``module``: ``{"a", "b", "m"}``, those it has, stored dtype."""
+    def read_adapter(self, module: str, alloc: Alloc | None = None,
+                     files: OpenFiles | None = None) -> dict[str, torch.Tensor]:
+        """The factors of ``module``: ``{"a", "b", "m"}``, those it has, stored dtype
+        (``files``: the descriptors kept open, as for ``read_many``)."""
         info = self.adapters[module]
         parts = [(k, t.key) for k, t in (("a", info.a), ("b", info.b), ("m", info.m)) if t is not None]
-        got = self.read_many([key for _, key in parts], alloc)
+        got = self.read_many([key for _, key in parts], alloc, files=files)
         return {k: got[key] for k, key in parts}
 
     def match_base(self, base_modules: Collection[str]) -> dict[str, str]:
@@ -148,10 +150,11 @@ class Checkpoint:
             raise WdaError(self.source, f"tensor {key!r} is missing", "the file changed while it was read?")
         return tf.read(key)
 
-    def read_many(self, keys: list[str], alloc: Alloc | None = None,
-                  mapped: bool = False) -> dict[str, torch.Tensor]:
-        """Several stored tensors; those of one file are read with it opened once. Keys not in
-        the indexed files (a format with its own storage) go through ``read``."""
+    def read_many(self, keys: list[str], alloc: Alloc | None = None, mapped: bool = False,
+                  files: OpenFiles | None = None) -> dict[str, torch.Tensor]:
+        """Several stored tensors; those of one file are read with it opened once (or, with
+        ``files``, through the descriptor kept there). Keys not in the indexed files (a format
+        with its own storage) go through ``read``."""
         by_file: dict[TensorFile, list[str]] = {}
         out: dict[str, torch.Tensor] = {}
         for key in keys:
@@ -161,7 +164,7 @@ class Checkpoint:
             else:
                 by_file.setdefault(tf, []).append(key)
         for tf, names in by_file.items():
-            out.update(tf.read_many(names, alloc, mapped))
+            out.update(tf.read_many(names, alloc, mapped, files))
         return {k: out[k] for k in keys}
 
     @property

@@ -183,11 +183,11 @@ class KohyaLora(Checkpoint):
         raise WdaError(self.file, f"module {name!r}: dora_scale has shape {s}, which fits neither the output axis "
                                   f"({out}, 1) nor the input axis (1, {in_channels})", _RESAVE)
 
-    def read_adapter(self, module: str, alloc: Alloc | None = None) -> dict[str, torch.Tensor]:
+    def read_adapter(self, module: str, alloc: Alloc | None = None, files=None) -> dict[str, torch.Tensor]:
         """The factors flattened to 2-D, the magnitude to 1-D (their shapes in ``adapters``)."""
         info = self.adapters[module]
         parts = [(k, t) for k, t in (("a", info.a), ("b", info.b), ("m", info.m)) if t is not None]
-        got = self.read_many([t.key for _, t in parts], alloc)
+        got = self.read_many([t.key for _, t in parts], alloc, files=files)
         return {k: got[t.key].reshape(t.shape) for k, t in parts}
 
     # ---- names ----

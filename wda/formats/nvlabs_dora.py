@@ -185,9 +185,9 @@ class NvlabsDora(Checkpoint):
             out[mod] = AdapterInfo(a, b, d.get("weight_m_wdecomp"), self.r, self.scaling, weights)
         return out
 
-    def read_adapter(self, module: str, alloc=None) -> dict[str, torch.Tensor]:
+    def read_adapter(self, module: str, alloc=None, files=None) -> dict[str, torch.Tensor]:
         """The factors as the merge uses them: with fan_in_fan_out, a = Bᵀ and b = Aᵀ."""
-        got = super().read_adapter(module, alloc)
+        got = super().read_adapter(module, alloc, files)
         if self.transpose_update and "a" in got:
             got["a"], got["b"] = got["a"].t().contiguous(), got["b"].t().contiguous()
         return got

@@ -265,12 +265,13 @@ class TensorFile:
         """The tensor ``name`` on the CPU, in its stored dtype."""
         return self.read_many([name], alloc)[name]
 
-    def read_many(self, names: list[str], alloc: Alloc | None = None,
-                  mapped: bool = False) -> dict[str, torch.Tensor]:
-        """Several tensors of this file, the file opened once. Safetensors: each into a buffer
-        from ``alloc`` (default: a new one), or with ``mapped`` each large one a view of its
-        own private mapping of its byte range, its pages faulted in here: no copy, and the
-        mapping goes with the tensor's last view. .bin: views of the loaded state dict."""
+    def read_many(self, names: list[str], alloc: Alloc | None = None, mapped: bool = False,
+                  files: OpenFiles | None = None) -> dict[str, torch.Tensor]:
+        """Several tensors of this file, the file opened once (``files``: through the descriptor
+        kept there, opened once per analysis). Safetensors: each into a buffer from ``alloc``
+        (default: a new one), or with ``mapped`` each large one a view of its own private
+        mapping of its byte range, its pages faulted in here: no copy, and the mapping goes
+        with the tensor's last view. .bin: views of the loaded state dict."""
         missing = [n for n in names if n not in self._shapes]
         if missing:
             raise WdaError(self.path, f"tensor {missing[0]!r} is missing", "the file changed while it was read?")
@@ -278,12 +279,13 @@ class TensorFile:
             self._check_size(_size_now(self.path))
             return {n: self._sd[n] for n in names}
         alloc = alloc or _new_buffer
-        fd = self._opened()
+        fd = files.fd(self) if files is not None else self._opened()
         try:
             return {n: self._map(fd, n) if mapped and _can_map and self._nbytes(n) >= max(MAPPED_MIN, 1)
                     else self._pread(fd, n, alloc) for n in names}
         finally:
-            os.close(fd)
+            if files is None:
+                os.close(fd)
 
     def stored(self, name: str, files: OpenFiles | None = None) -> StoredTensor | None:
         """The tensor ``name`` left in this file, for a kernel that reads it itself
@@ -441,8 +443,9 @@ def _cached(fd: int, start: int, end: int) -> bool:
 
 class OpenFiles:
     """Descriptors of safetensors files kept open while tensor after tensor is read from them
-    (``TensorFile.stored``): each file is opened and its size checked once, then each tensor
-    gets a duplicate of its descriptor (~1 µs against ~5 µs to open it again), which it owns.
+    (``TensorFile.stored``, ``TensorFile.read_many``): each file is opened and its size checked
+    once, then each tensor left in its file gets a duplicate of its descriptor (~1 µs against
+    ~5 µs to open it again), which it owns; tensors read at once use the descriptor itself.
     At most ``limit`` files at a time (least recently used out; default: a quarter of the
     process's limit on open files, at most 256); ``close()`` closes them all.
     One thread at a time."""
@@ -451,13 +454,20 @@ class OpenFiles:
         self.limit = max(1, limit if limit is not None else _fd_budget())
         self._fds: dict[Path, int] = {}  # in order of use, the most recent last
 
-    def dup(self, tf: TensorFile) -> int:
+    def fd(self, tf: TensorFile) -> int:
+        """The file's descriptor, opened (and its size checked) the first time: lent, not given;
+        valid until the next call or ``close()``."""
         fd = self._fds.pop(tf.path, None)
         if fd is None:
             fd = tf._opened()
             while len(self._fds) >= self.limit:
                 os.close(self._fds.pop(next(iter(self._fds))))
         self._fds[tf.path] = fd
+        return fd
+
+    def dup(self, tf: TensorFile) -> int:
+        """A duplicate of the file's descriptor (``fd``), which the caller owns."""
+        fd = self.fd(tf)
         try:
             return os.dup(fd)
         except OSError as exc:  # EMFILE: the process's other descriptors took the room
