@@ -200,6 +200,19 @@ def test_lowrank_sums_match_float64():
         assert ((ud[k].double() - ref_ud).abs() <= 1e-6 * terms).all()
         keep = ok[k]
         assert torch.allclose(dd2[k].double()[keep], ref_dd2[keep], rtol=1e-5, atol=0)
+    # adapters of one rank (B's columns taken as a (K, vectors, r) view, not padded), three of them
+    avs = [torch.randn(3, n, generator=g, dtype=torch.float64) for _ in range(3)]
+    bvs = [torch.randn(rows, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    a, b = torch.cat(avs), torch.cat(bvs, 1)
+    p = u @ a.t()
+    ud, dd2 = torch.empty(3, rows), torch.empty(3, rows)
+    ok = torch.empty(3, rows, dtype=torch.bool)
+    kernels.lowrank_sums(b.float(), p.float(), a.float(), [0, 3, 6, 9], [0.5, 2.0, -1.0], 1e-2, ud, dd2, ok)
+    for k, s in enumerate([0.5, 2.0, -1.0]):
+        delta = s * bvs[k] @ avs[k]
+        terms = abs(s) * (bvs[k].abs() * p[:, 3 * k:3 * k + 3].abs()).sum(1)
+        assert ((ud[k].double() - (u * delta).sum(1)).abs() <= 1e-6 * terms).all()
+        assert ok[k].all() and torch.allclose(dd2[k].double(), (delta * delta).sum(1), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
