@@ -376,7 +376,7 @@ class BaseWeight:
         summed = [k for k, (_, _, _, m) in enumerate(adapters)
                   if m is None or (self.dim == 1 and m.numel() == self.n0.numel())]
         if summed:
-            stored = [self._factors(*adapters[k][:2], convert=False) for k in summed]
+            stored = [self._factors(*adapters[k][:2]) for k in summed]
             # each side put together in its stored dtype, then converted once (not per adapter)
             a = _side_by_side([av for _, av in stored], 0).to(self.dtype)  # (Σr, n)
             b = _side_by_side([bv for bv, _ in stored], 1).to(self.dtype)  # (vectors, Σr)
@@ -406,7 +406,8 @@ class BaseWeight:
         avs = [self._factors(a, b)[1] for a, b in factors]
         if not avs:
             return []
-        return list(torch.split(self._project(_side_by_side(avs, 0)), [av.shape[0] for av in avs], dim=1))
+        cat = _side_by_side(avs, 0).to(self.dtype)  # converted once, not per adapter
+        return list(torch.split(self._project(cat), [av.shape[0] for av in avs], dim=1))
 
     def _project(self, cat: torch.Tensor) -> torch.Tensor:
         """(vectors, Σr): W_0 catᵀ for the factors av_k stacked, cat = [av_1; …; av_K] (Σr, n):
@@ -459,7 +460,7 @@ class BaseWeight:
                 self._merged = torch.empty_like(w0)
             v = torch.addmm(w0, b.to(self.dtype), a.to(self.dtype), alpha=scaling, out=self._merged)
             return self.changes(v.mul_(_rescale(magnitude, torch.linalg.vector_norm(v, dim=1)).unsqueeze(1)))
-        bv, av = self._factors(a, b)
+        bv, av = (t.to(self.dtype) for t in self._factors(a, b))
         ud, dd2, ok = self._lowrank_sums(bv, av, [0, av.shape[0]], [scaling], self._project(av))
         return self._lowrank_changes(ud[0], dd2[0], ok[0], bv, av, scaling, magnitude)
 
@@ -506,16 +507,14 @@ class BaseWeight:
             return _changes(uu, uu + delta, delta, 1)
         return self._with_magnitude(self._finish(ud, dd2, dense, ok), magnitude)
 
-    def _factors(self, a: torch.Tensor, b: torch.Tensor, convert: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bv, av) with the update per vector δ = s · bv @ av, in the compute dtype (``convert``
-        False: in the stored dtype, for the caller to convert once for many adapters)."""
+    def _factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bv, av) with the update per vector δ = s · bv @ av, checked against the base's shape,
+        in their stored dtype (callers convert them, many adapters' at once)."""
         out_f, in_f = self.shape
         r = a.shape[0]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or tuple(b.shape) != (out_f, r):
             raise ValueError(f"lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
                              f"the base (out={out_f}, in={in_f})")
-        if convert:
-            a, b = a.to(self.dtype), b.to(self.dtype)
         return (b, a) if self.dim == 1 else (a.t(), b.t())  # axis "in": δᵀ = s · Aᵀ Bᵀ
 
     def measure_rescaled(self, magnitude: torch.Tensor) -> Measurement:
