@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from wda.analysis import kernels
+from wda.analysis import gemm, kernels
 
 Axis = Literal["out", "in"]
 AXES: tuple[str, ...] = ("out", "in")
@@ -372,6 +372,11 @@ class BaseWeight:
         """``measure_lowrank`` of several adapters ``(A, B, scaling, magnitude or None)`` of this
         matrix: one pass over W_0 for all of them (``project``), then on a CPU one kernel call
         for every adapter's sums and one for their means (``kernels.closed_sums``)."""
+        with gemm.exact(self.vecs.device):
+            return self._measure_lowrank_many(adapters, projected)
+
+    def _measure_lowrank_many(self, adapters: list[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]],
+                              projected: list[torch.Tensor] | None) -> list[Measurement]:
         out: list[Measurement | None] = [None] * len(adapters)
         summed = [k for k, (_, _, _, m) in enumerate(adapters)
                   if m is None or (self.dim == 1 and m.numel() == self.n0.numel())]
@@ -407,35 +412,38 @@ class BaseWeight:
         if not avs:
             return []
         cat = _side_by_side(avs, 0).to(self.dtype)  # converted once, not per adapter
-        return list(torch.split(self._project(cat), [av.shape[0] for av in avs], dim=1))
+        with gemm.exact(self.vecs.device):
+            return list(torch.split(self._project(cat), [av.shape[0] for av in avs], dim=1))
 
     def _project(self, cat: torch.Tensor) -> torch.Tensor:
         """(vectors, Σr): W_0 catᵀ for the factors av_k stacked, cat = [av_1; …; av_K] (Σr, n):
-        one GEMM for all of them, which reads W_0 once."""
+        one GEMM for all of them, which reads W_0 once (``gemm.linear``: on the faster library;
+        callers hold ``gemm.exact``)."""
         rows, n = self.vecs.shape
-        out = torch.empty(rows, cat.shape[0], dtype=self.dtype, device=self.vecs.device)
         if not self._converts:
-            torch.mm(self.vecs, cat.t(), out=out)  # (rows, n) @ (n, Σr)
-        elif self._cols:  # W_0 as stored, (n, rows): its stored rows a block at a time, summed
+            return gemm.linear(self.vecs, cat)  # (rows, n) @ (n, Σr)
+        if self._cols:  # W_0 as stored, (n, rows): its stored rows a block at a time, summed
             stored = self.vecs.t()
             step = max(1, min(n, (1 << 21) // max(rows, 1)))
-            out.zero_()
+            out = torch.zeros(rows, cat.shape[0], dtype=self.dtype, device=self.vecs.device)
             for c0 in range(0, n, step):
                 c1 = min(n, c0 + step)
                 buf = self._gemm_buffer(c1 - c0, rows)
                 kernels.widen(stored[c0:c1], buf)
                 out.addmm_(buf.t(), cat[:, c0:c1].t())
-        else:  # convert W_0 a block of rows at a time: no float32 copy of the whole matrix
-            step = max(self.block, min(rows, (1 << 21) // max(n, 1)))
-            for r0 in range(0, rows, step):
-                r1 = min(rows, r0 + step)
-                buf = self._gemm_buffer(r1 - r0, n)
-                if self._rows:
-                    kernels.widen(self.vecs[r0:r1], buf)
-                else:
-                    buf.copy_(self.vecs[r0:r1])
-                torch.mm(buf, cat.t(), out=out[r0:r1])
-        return out
+            return out
+        # convert W_0 a block of rows at a time: no float32 copy of the whole matrix
+        step = max(self.block, min(rows, (1 << 21) // max(n, 1)))
+        blocks = []
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            buf = self._gemm_buffer(r1 - r0, n)
+            if self._rows:
+                kernels.widen(self.vecs[r0:r1], buf)
+            else:
+                buf.copy_(self.vecs[r0:r1])
+            blocks.append(gemm.linear(buf, cat))
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
     def _gemm_buffer(self, rows: int, cols: int) -> torch.Tensor:
         """A (rows, cols) buffer in the compute dtype for blocks of W_0, reused across calls."""
@@ -454,6 +462,11 @@ class BaseWeight:
                         magnitude: torch.Tensor | None = None) -> VectorChanges:
         """A (r, in), B (out, r), m (out,): per vector, u·δ = s·B_n·(W_0 Aᵀ)_n and
         |δ|² = s²·B_n (A Aᵀ) B_nᵀ: O(out·in·r) flops, no (out, in) temporary."""
+        with gemm.exact(self.vecs.device):
+            return self._changes_lowrank(a, b, scaling, magnitude)
+
+    def _changes_lowrank(self, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                         magnitude: torch.Tensor | None) -> VectorChanges:
         if magnitude is not None and self.dim == 0:  # merged densely (see _base_out)
             w0 = self._base_out()
             if self._merged is None:  # one (out, in) buffer for every checkpoint of this W_0

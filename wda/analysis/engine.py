@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wda.analysis import kernels
+from wda.analysis import gemm, kernels
 from wda.analysis.buffers import BufferPool
 from wda.analysis.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
 from wda.train.dora import merge_dora_input_axis
@@ -463,10 +463,14 @@ class _Measurer:
             elif "a" not in t:  # magnitude only (paper Table 6): W' = m · W_0 / ||W_0||
                 self._record(item, data, lambda t=t: base.measure_rescaled(t["m"]))
             elif "m_in" in t:  # magnitudes per input channel: merged densely (one matrix)
-                self._record(item, data, lambda t=t, s=s, c=self.dtype: base.measure(merge_dora_input_axis(
-                    self.w0.to(c), t["a"].to(c), t["b"].to(c), s, t["m_in"].to(c))))
+                self._record(item, data, lambda t=t, s=s: base.measure(self._merge_input_axis(t, s)))
             else:
                 self._record(item, data, lambda t=t, s=s: base.measure_lowrank(t["a"], t["b"], s, t.get("m")))
+
+    def _merge_input_axis(self, t: dict[str, torch.Tensor], s: float) -> torch.Tensor:
+        c = self.dtype
+        with gemm.exact(self.dev):  # a float32 GEMM whatever the process asked torch for
+            return merge_dora_input_axis(self.w0.to(c), t["a"].to(c), t["b"].to(c), s, t["m_in"].to(c))
 
     def _record(self, item: _Item, data: _Loaded, fn) -> None:
         try:
