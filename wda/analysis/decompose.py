@@ -10,6 +10,7 @@ Conventions (DESIGN.md, "The axis"):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Literal
@@ -17,7 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from wda.analysis import gemm, kernels
+from wda.analysis import gemm, kernels, scratch
 
 Axis = Literal["out", "in"]
 AXES: tuple[str, ...] = ("out", "in")
@@ -257,7 +258,6 @@ class BaseWeight:
         self.block = max(1, min(rows, block_rows or budget // max(n, 1)))
         self._converts = self.vecs.dtype != dtype  # W_0 rows are converted block by block
         self._bufs: tuple[torch.Tensor, ...] | None = None  # the torch path's block buffers
-        self._gemm_buf: torch.Tensor | None = None
         self._w0_out: torch.Tensor | None = None  # see _base_out
         self._merged: torch.Tensor | None = None
         n0 = torch.empty(rows, dtype=dtype, device=dev)
@@ -383,8 +383,8 @@ class BaseWeight:
         if summed:
             stored = [self._factors(*adapters[k][:2]) for k in summed]
             # each side put together in its stored dtype, then converted once (not per adapter)
-            a = _side_by_side([av for _, av in stored], 0).to(self.dtype)  # (Σr, n)
-            b = _side_by_side([bv for bv, _ in stored], 1).to(self.dtype)  # (vectors, Σr)
+            a = _side_by_side([av for _, av in stored], 0, "lowrank_a").to(self.dtype)  # (Σr, n)
+            b = _side_by_side([bv for bv, _ in stored], 1, "lowrank_b").to(self.dtype)  # (vectors, Σr)
             offs = np.cumsum([0] + [av.shape[0] for _, av in stored])
             if projected is None:
                 p = self._project(a)
@@ -411,7 +411,7 @@ class BaseWeight:
         avs = [self._factors(a, b)[1] for a, b in factors]
         if not avs:
             return []
-        cat = _side_by_side(avs, 0).to(self.dtype)  # converted once, not per adapter
+        cat = _side_by_side(avs, 0, "project_a").to(self.dtype)  # converted once, not per adapter
         with gemm.exact(self.vecs.device):
             return list(torch.split(self._project(cat), [av.shape[0] for av in avs], dim=1))
 
@@ -428,7 +428,7 @@ class BaseWeight:
             out = torch.zeros(rows, cat.shape[0], dtype=self.dtype, device=self.vecs.device)
             for c0 in range(0, n, step):
                 c1 = min(n, c0 + step)
-                buf = self._gemm_buffer(c1 - c0, rows)
+                buf = scratch.buffer("w0_block", (c1 - c0, rows), self.dtype, self.vecs.device)
                 kernels.widen(stored[c0:c1], buf)
                 out.addmm_(buf.t(), cat[:, c0:c1].t())
             return out
@@ -437,19 +437,13 @@ class BaseWeight:
         blocks = []
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            buf = self._gemm_buffer(r1 - r0, n)
+            buf = scratch.buffer("w0_block", (r1 - r0, n), self.dtype, self.vecs.device)
             if self._rows:
                 kernels.widen(self.vecs[r0:r1], buf)
             else:
                 buf.copy_(self.vecs[r0:r1])
             blocks.append(gemm.linear(buf, cat))
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-
-    def _gemm_buffer(self, rows: int, cols: int) -> torch.Tensor:
-        """A (rows, cols) buffer in the compute dtype for blocks of W_0, reused across calls."""
-        if self._gemm_buf is None or self._gemm_buf.numel() < rows * cols:
-            self._gemm_buf = torch.empty(rows * cols, dtype=self.dtype, device=self.vecs.device)
-        return self._gemm_buf[: rows * cols].view(rows, cols)
 
     def _base_out(self) -> torch.Tensor:
         """W_0 as (out, in) in the compute dtype, kept once made: the dense forms of DoRA for
@@ -613,9 +607,17 @@ class BaseWeight:
         return True, dm, dd, closed
 
 
-def _side_by_side(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """The tensors concatenated along ``dim``, contiguous (no copy for one contiguous tensor)."""
-    return (torch.cat(ts, dim) if len(ts) > 1 else ts[0]).contiguous()
+def _side_by_side(ts: list[torch.Tensor], dim: int, name: str | None = None) -> torch.Tensor:
+    """The tensors concatenated along ``dim``, contiguous (no copy for one contiguous tensor);
+    with ``name``, into that ``scratch`` buffer (valid until the next use of the name)."""
+    if len(ts) == 1:
+        return ts[0].contiguous()
+    if name is None:
+        return torch.cat(ts, dim)
+    shape = list(ts[0].shape)
+    shape[dim] = sum(t.shape[dim] for t in ts)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in ts))  # torch.cat's own
+    return torch.cat(ts, dim, out=scratch.buffer(name, shape, dtype, ts[0].device))
 
 
 def _finite_magnitude(magnitude: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

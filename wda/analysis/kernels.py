@@ -27,11 +27,12 @@ by one thread in a fixed order, so the result does not depend on the number of t
 from __future__ import annotations
 
 import os
-import threading
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from wda.analysis import scratch
 
 try:  # numba is a dependency; without it (an unsupported Python) the torch path is used
     import numba
@@ -190,28 +191,14 @@ def lowrank_sums(b: torch.Tensor, p: torch.Tensor, a: torch.Tensor, offsets: Seq
         for k, (o, r) in enumerate(zip(offs[:-1], ranks)):
             b3[k, :, :r] = b[:, o:o + r]
     gt = torch.from_numpy(g)
-    # (K, vectors, rmax) products into buffers kept from call to call: fresh ones of a few MB
-    # are new pages to fault in, each call, which on two threads cost more than the products
-    bg = torch.bmm(b3, gt, out=_scratch("bg", (k_, rows, rmax), b.dtype))
-    b3_abs = torch.abs(b3, out=_scratch("b_abs", b3.shape, b.dtype))
-    bg_abs = torch.bmm(b3_abs, gt.abs(), out=_scratch("bg_abs", (k_, rows, rmax), b.dtype))
+    # (K, vectors, rmax) products into this thread's kept buffers (fresh ones of a few MB cost
+    # more in page faults, on two threads, than the products)
+    bg = torch.bmm(b3, gt, out=scratch.buffer("bg", (k_, rows, rmax), b.dtype))
+    b3_abs = torch.abs(b3, out=scratch.buffer("b_abs", b3.shape, b.dtype))
+    bg_abs = torch.bmm(b3_abs, gt.abs(), out=scratch.buffer("bg_abs", (k_, rows, rmax), b.dtype))
     _launch(_lowrank_rows, _lowrank_rows_parallel, rows, rows * int(offs[-1]), b.numpy(), p.numpy(),
             bg.numpy(), bg_abs.numpy(), offs, np.asarray(scalings, np.float64), cancel,
             ud.numpy(), dd2.numpy(), ok.numpy())
-
-
-_SCRATCH = threading.local()  # per thread: two analyses in two threads never share one
-
-
-def _scratch(name: str, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """A contiguous tensor of ``shape`` over a buffer this thread keeps under ``name`` (grown
-    as needed; its contents are whatever the last call left)."""
-    n = int(np.prod(shape))
-    buf = getattr(_SCRATCH, name, None)
-    if buf is None or buf.dtype != dtype or buf.numel() < n:
-        buf = torch.empty(n, dtype=dtype)
-        setattr(_SCRATCH, name, buf)
-    return buf[:n].view(tuple(shape))
 
 
 def closed_form(ud: torch.Tensor, dd2: torch.Tensor, n0: torch.Tensor, ok: torch.Tensor | None,
