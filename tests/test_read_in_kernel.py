@@ -23,6 +23,14 @@ from builders import plain_reference, save_full
 
 pytestmark = pytest.mark.skipif(not kernels.available() or os.name != "posix",
                                 reason="needs numba and pread")
+_core_to_read_on = engine._core_to_read_on
+
+
+@pytest.fixture(autouse=True)
+def _kernel_reads(monkeypatch):
+    """The row kernel reads the checkpoints itself, as when every core measures, whatever the
+    threads of the machine running the tests (the test of the choice sets its own)."""
+    monkeypatch.setattr(engine, "_core_to_read_on", lambda: False)
 
 
 @pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -152,6 +160,34 @@ def test_analysis_read_in_the_kernel_matches_float64_and_the_in_memory_path(tmp_
     assert not calls
     cols = ["run", "step", "module", "delta_m", "delta_d", "n_vectors", "n_excluded"]
     assert df[cols].equals(again[cols])
+
+
+@pytest.mark.parametrize("threads, cores, in_kernel", [(1, 2, False), (1, 1, True), (2, 2, True), (2, 8, True)])
+def test_one_thread_measuring_beside_a_free_core_reads_ahead_instead_and_measures_the_same(
+        tmp_path, monkeypatch, threads, cores, in_kernel):
+    """With one measuring thread and a core free, the reader thread maps the checkpoints (the
+    kernel reads none itself); otherwise the kernel reads them. The same table either way."""
+    states = _run(tmp_path, torch.bfloat16, steps=(1, 2, 3))
+    cols = ["run", "step", "module", "delta_m", "delta_d", "n_vectors", "n_excluded"]
+    kernel_read = wda.analyze(tmp_path, progress=False)[cols]
+    calls = []
+    real = kernels.row_dots_read
+    monkeypatch.setattr(kernels, "row_dots_read", lambda u, files, *a: (calls.append(len(files)), real(u, files, *a))[1])
+    monkeypatch.setattr(engine, "_core_to_read_on", _core_to_read_on)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        df = wda.analyze(tmp_path, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == ([3] * 4 if in_kernel else [])
+    assert df[cols].equals(kernel_read)
+    for row in df.itertuples():
+        key = f"{row.module}.weight"
+        dm, dd, excluded = plain_reference(states["base"][key], states[row.step][key])
+        assert row.delta_m == pytest.approx(dm, rel=1e-5)
+        assert row.delta_d == pytest.approx(dd, rel=1e-4, abs=1e-9)
 
 
 def test_no_descriptor_is_left_open(tmp_path):
