@@ -11,10 +11,10 @@ hand it out.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Sequence
 
-import numpy as np
 import torch
 
 _LOCAL = threading.local()
@@ -24,9 +24,9 @@ def buffer(name: str, shape: Sequence[int], dtype: torch.dtype,
            device: torch.device | str = "cpu") -> torch.Tensor:
     """A contiguous tensor of ``shape`` over the buffer this thread keeps under ``name``
     (grown as needed)."""
-    if torch.device(device).type != "cpu":
+    if (device.type if isinstance(device, torch.device) else torch.device(device).type) != "cpu":
         return torch.empty(tuple(shape), dtype=dtype, device=device)
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     buf = getattr(_LOCAL, name, None)
     if buf is None or buf.dtype != dtype or buf.numel() < n:
         buf = torch.empty(n, dtype=dtype)
