@@ -42,3 +42,38 @@ def test_factors_side_by_side_in_a_buffer_equal_torch_cat():
             assert again.data_ptr() == got.data_ptr() and torch.equal(again, 2 * want)
     one = torch.randn(3, 4, generator=g)
     assert _side_by_side([one], 0, "t_side") is one  # one contiguous tensor: no copy
+
+
+def test_an_analysis_lets_its_buffers_go_and_measures_the_same_again(tmp_path):
+    """The adapters' buffers (factors side by side, batched products) are let go when an
+    analysis ends; the next one, making them afresh, gives the same table."""
+    import wda
+    from builders import qv_runs
+
+    qv_runs(tmp_path)
+    scratch.buffer("t_left", (4,), torch.float32)  # anything this thread held before
+    first = wda.analyze(tmp_path, progress=False)
+    assert not vars(scratch._LOCAL)
+    again = wda.analyze(tmp_path, progress=False)
+    assert (first["method"] != "FT").any() and first.equals(again)
+
+
+def test_release_lets_go_of_this_threads_buffers_only():
+    scratch.buffer("t_mine", (4,), torch.float32)
+    held = []
+    ready, done = threading.Event(), threading.Event()
+
+    def other():
+        scratch.buffer("t_theirs", (4,), torch.float32)
+        ready.set()
+        done.wait()
+        held.append(sorted(vars(scratch._LOCAL)))
+
+    t = threading.Thread(target=other)
+    t.start()
+    ready.wait()
+    scratch.release()
+    assert not vars(scratch._LOCAL)
+    done.set()
+    t.join()
+    assert held == [["t_theirs"]]

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wda.analysis import gemm, kernels
+from wda.analysis import gemm, kernels, scratch
 from wda.analysis.buffers import BufferPool
 from wda.analysis.decompose import AXES, MEASUREMENT_FIELDS, BaseWeight, NonFiniteWeights
 from wda.train.dora import merge_dora_input_axis
@@ -538,6 +538,7 @@ def run_analysis(ckpt_dir: str | Path | None, options: AnalysisOptions = Analysi
     finally:
         files.close()
         bar.close()
+        scratch.release()
     broken = work.broken
     skipped = list(layout.skipped) + sorted(broken.items())
     rows = [r for r in work.rows if r["_path"] not in broken]

@@ -6,7 +6,8 @@ is a fresh tensor: their caching allocators already reuse the memory.
 
 A buffer's contents are whatever its last user left, and it is valid until the next call
 with the same name in the same thread: callers use it within one step of their own and never
-hand it out.
+hand it out. ``release`` lets go of a thread's buffers (``engine.run_analysis`` does at its
+end), so that nothing outlives the analysis that made it.
 """
 
 from __future__ import annotations
@@ -32,3 +33,8 @@ def buffer(name: str, shape: Sequence[int], dtype: torch.dtype,
         buf = torch.empty(n, dtype=dtype)
         setattr(_LOCAL, name, buf)
     return buf[:n].view(tuple(shape))
+
+
+def release() -> None:
+    """Let go of this thread's buffers (an analysis, done: up to ~0.2 GB at 8192² widths)."""
+    _LOCAL.__dict__.clear()
